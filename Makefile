@@ -1,0 +1,36 @@
+# The two quickstart commands:  `make run` (set up + the main job) and `make test`.
+# Everything lives in a local virtual environment (.venv), created on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test test-fast bench install clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e ".[dev,bench]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## The main job: a toy 2D density run (a few minutes on a laptop CPU); prints
+## its metrics and writes a picture of the learned density under runs/.
+run: $(STAMP)
+	$(BIN)/iresflow train $(ARGS)
+
+## The whole test suite (the slow tests included), as CI runs it.
+test: $(STAMP)
+	$(BIN)/python -m pytest -ra $(ARGS)
+
+## The quick subset, for the edit-test loop.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -ra -m "not slow" $(ARGS)
+
+## The performance harness (writes benchmarks/results/).
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,5 @@
+"""``python -m iresflow ...`` is the ``iresflow`` command."""
+
+from iresflow.cli import main
+
+raise SystemExit(main())

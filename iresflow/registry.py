@@ -1,0 +1,304 @@
+"""The plugin registry: every swappable component is registered by ``(kind, name)``.
+
+A component is a class or a factory. Configs refer to it as a node
+``{name: <registered name>, **params}``; :func:`build` turns such a node into an
+object, and every mistake (an unknown kind, name or parameter) is answered with
+the close matches and the list of what exists.
+
+Discovery (see :func:`discover`): the built-ins register themselves on import,
+third-party packages through the entry-point group ``iresflow.plugins``, and
+every ``*.py`` in the plugin folders (the repository's ``registry/``, the
+``IRESFLOW_PLUGINS`` path list, and folders passed explicitly).
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import importlib
+import importlib.util
+import inspect
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+__all__ = [
+    "Entry",
+    "RegistryError",
+    "PluginImportError",
+    "register",
+    "available",
+    "kinds",
+    "get",
+    "describe",
+    "build",
+    "build_node",
+    "discover",
+]
+
+ENTRY_POINT_GROUP = "iresflow.plugins"
+PLUGIN_PATH_ENV = "IRESFLOW_PLUGINS"
+# The repository's own plugin folder (``<repo>/registry``), used when it exists.
+DEFAULT_PLUGIN_DIR = Path(__file__).resolve().parent.parent / "registry"
+
+
+class RegistryError(KeyError):
+    """An unknown kind, name or parameter, or a duplicate registration."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class PluginImportError(ImportError):
+    """A plugin (file or entry point) that failed to import, named with its error."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    kind: str
+    name: str
+    obj: Callable[..., Any]
+    description: str
+
+    def parameters(self) -> dict[str, str]:
+        """Accepted keyword parameters with their defaults, as printable strings."""
+        params = {}
+        for p in _signature(self.obj).parameters.values():
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name == "self":
+                continue
+            params[p.name] = "required" if p.default is p.empty else repr(p.default)
+        return params
+
+
+_REGISTRY: dict[str, dict[str, Entry]] = {}
+
+
+def _signature(obj: Callable[..., Any]) -> inspect.Signature:
+    try:
+        return inspect.signature(obj)
+    except (TypeError, ValueError):  # some builtins have no signature
+        return inspect.Signature()
+
+
+def _suggest(word: str, choices: Iterable[str], what: str) -> str:
+    choices = sorted(choices)
+    close = difflib.get_close_matches(word, choices, n=3, cutoff=0.5)
+    msg = f"unknown {what} {word!r}."
+    if close:
+        msg += f" Did you mean {' or '.join(repr(c) for c in close)}?"
+    msg += f" Available: {', '.join(choices) if choices else '(none)'}."
+    return msg
+
+
+def register(kind: str, name: str | None = None, *, description: str | None = None,
+             override: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator registering a class or factory under ``(kind, name)``.
+
+    ``name`` defaults to the object's ``__name__`` in lower case; ``description``
+    to the first line of its docstring. Registering a taken name is an error
+    unless ``override=True``.
+    """
+
+    def decorator(obj: Callable[..., Any]) -> Callable[..., Any]:
+        key = name or obj.__name__.lower()
+        table = _REGISTRY.setdefault(kind, {})
+        if key in table and not override and table[key].obj is not obj:
+            where = getattr(table[key].obj, "__module__", "?")
+            raise RegistryError(
+                f"{kind} {key!r} is already registered (by {where}); "
+                "pass override=True to replace it"
+            )
+        doc = description or (inspect.getdoc(obj) or "").strip().split("\n")[0]
+        table[key] = Entry(kind, key, obj, doc)
+        return obj
+
+    return decorator
+
+
+def kinds() -> list[str]:
+    """All kinds that have at least one registered component."""
+    _ensure_discovered()
+    return sorted(_REGISTRY)
+
+
+def available(kind: str, pattern: str = "*") -> list[str]:
+    """Registered names of ``kind`` matching the fnmatch ``pattern``."""
+    return sorted(fnmatch.filter(_table(kind), pattern))
+
+
+def _table(kind: str) -> dict[str, Entry]:
+    _ensure_discovered()
+    if kind not in _REGISTRY:
+        raise RegistryError(_suggest(kind, _REGISTRY, "component kind"))
+    return _REGISTRY[kind]
+
+
+def get(kind: str, name: str) -> Entry:
+    """The registry entry for ``(kind, name)``; suggests close matches when unknown."""
+    table = _table(kind)
+    if name not in table:
+        raise RegistryError(_suggest(name, table, f"{kind}"))
+    return table[name]
+
+
+def describe(kind: str | None = None) -> list[Entry]:
+    """Entries of one kind, or of every kind, sorted: the catalogue."""
+    selected = [kind] if kind is not None else kinds()
+    return [get(k, n) for k in selected for n in available(k)]
+
+
+def build(kind: str, name: str, /, **params: Any) -> Any:
+    """Build the component ``(kind, name)`` with keyword ``params``.
+
+    An unknown parameter is an error that names the accepted ones (unless the
+    component takes ``**kwargs``).
+    """
+    entry = get(kind, name)
+    sig = _signature(entry.obj)
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+    if not takes_any and sig.parameters:
+        accepted = [p for p in sig.parameters if p != "self"]
+        for key in params:
+            if key not in accepted:
+                raise RegistryError(
+                    f"{kind} {name!r} has no parameter {key!r}"
+                    + _close_hint(key, accepted)
+                    + f". Accepted: {', '.join(accepted) or '(none)'}."
+                )
+    return entry.obj(**params)
+
+
+def _close_hint(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def build_node(kind: str, node: Any, /, **defaults: Any) -> Any:
+    """Build from a config node: a name string, or a mapping ``{name: ..., **params}``.
+
+    ``defaults`` fill parameters the node does not set (e.g. a model passing its
+    ``coeff`` down to every residual function). A node that is already a built
+    object (not a string or mapping) is returned as is.
+    """
+    if isinstance(node, str):
+        name, params = node, {}
+    elif isinstance(node, Mapping) or _is_dictconfig(node):
+        params = dict(_to_container(node))
+        if "name" not in params:
+            raise RegistryError(f"a {kind} node needs a 'name' key, got keys {sorted(params)}")
+        name = params.pop("name")
+    else:
+        return node
+    entry = get(kind, name)
+    sig = _signature(entry.obj)
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+    merged = {k: v for k, v in defaults.items() if takes_any or k in sig.parameters}
+    merged.update(params)
+    return build(kind, name, **merged)
+
+
+def _is_dictconfig(node: Any) -> bool:
+    return type(node).__name__ == "DictConfig"
+
+
+def _to_container(node: Any) -> Mapping[str, Any]:
+    if _is_dictconfig(node):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
+    return node
+
+
+# --------------------------------------------------------------------------- discovery
+
+_discovered = False
+_loaded_files: set[Path] = set()
+_loaded_entry_points: set[str] = set()
+
+
+def _ensure_discovered() -> None:
+    global _discovered
+    if not _discovered:
+        _discovered = True
+        discover()
+
+
+def _builtins() -> None:
+    # Importing these modules runs their @register decorators.
+    for module in ("iresflow.nn", "iresflow.models", "iresflow.tasks", "iresflow.data"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            # A sub-package not (yet) present is fine; a missing dependency is not.
+            if err.name != module:
+                raise
+
+
+def plugin_dirs(extra: Iterable[str | os.PathLike[str]] = ()) -> list[Path]:
+    """The plugin folders: the repo's ``registry/``, ``$IRESFLOW_PLUGINS``, then ``extra``."""
+    dirs: list[Path] = []
+    if DEFAULT_PLUGIN_DIR.is_dir():
+        dirs.append(DEFAULT_PLUGIN_DIR)
+    for part in os.environ.get(PLUGIN_PATH_ENV, "").split(os.pathsep):
+        if part:
+            dirs.append(Path(part).expanduser())
+    dirs.extend(Path(p).expanduser() for p in extra)
+    return dirs
+
+
+def load_plugin_file(path: str | os.PathLike[str]) -> None:
+    """Import one plugin file (once); a failure is raised naming the file."""
+    path = Path(path).resolve()
+    if path in _loaded_files:
+        return
+    module_name = f"iresflow_plugin_{path.stem}_{abs(hash(str(path))) % 10**8}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise PluginImportError(f"plugin {path} could not be loaded")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:  # report every failure by file, never swallow it
+        del sys.modules[module_name]
+        raise PluginImportError(f"plugin {path} failed to import: {type(err).__name__}: {err}") from err
+    _loaded_files.add(path)
+
+
+def discover(plugin_paths: Iterable[str | os.PathLike[str]] = ()) -> None:
+    """Register built-ins, entry-point plugins and every ``*.py`` in the plugin folders.
+
+    Safe to call again (e.g. with the config's ``plugins`` list): what was
+    loaded is not loaded twice. A folder that does not exist is an error only
+    when named explicitly.
+    """
+    global _discovered
+    _discovered = True
+    _builtins()
+
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        key = f"{ep.name}={ep.value}"
+        if key in _loaded_entry_points:
+            continue
+        try:
+            ep.load()
+        except Exception as err:
+            raise PluginImportError(
+                f"entry-point plugin {ep.name!r} ({ep.value}) failed to import: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+        _loaded_entry_points.add(key)
+
+    explicit = [Path(p).expanduser() for p in plugin_paths]
+    for folder in plugin_dirs(explicit):
+        if not folder.is_dir():
+            if folder in explicit or str(folder) in os.environ.get(PLUGIN_PATH_ENV, ""):
+                raise PluginImportError(f"plugin folder {folder} does not exist")
+            continue
+        for file in sorted(folder.glob("*.py")):
+            if not file.name.startswith("_"):
+                load_plugin_file(file)
