@@ -1,0 +1,1 @@
+"""Performance harness of iresflow: ``python -m benchmarks.run`` (see benchmarks/README.md)."""

@@ -1,0 +1,61 @@
+"""Benchmark 2 -- image flow training step on 1x28x28, iresflow vs normflows.
+
+Conv residual blocks (i-ResNet bottleneck 3x3 -> 1x1 -> 3x3, LipSwish, c = 0.9)
+with the toy benchmark's settings otherwise (Russian roulette geometric, 2
+exact terms, memory-efficient gradients, ActNorm after each block, 5 power
+iterations of the *convolution operator* per step). Throughput timed
+interleaved, and peak memory of one step (allocator high-water mark above the
+live set; CUDA: max_memory_allocated, CPU: profiler allocation events).
+
+The size is chosen per device (a 2-core CPU cannot run the GPU size in
+minutes); both sides always share it.
+
+Targets: speed-up >= 1.5 and peak memory iresflow / normflows <= 1.
+"""
+
+from __future__ import annotations
+
+from benchmarks.common import Context, target
+from benchmarks.flows import FlowSettings
+from benchmarks.training import compare_steps
+
+TITLE = "Image flow training step (1x28x28, conv blocks)"
+
+
+def settings(ctx: Context) -> FlowSettings:
+    s = FlowSettings(kind="image", in_shape=(1, 28, 28), kernel_sizes=(3, 1, 3))
+    if ctx.quick:
+        return s.with_(n_blocks=1, hidden=4, batch=4)
+    if ctx.cuda:
+        return s.with_(n_blocks=16, hidden=64, batch=256)
+    return s.with_(n_blocks=4, hidden=32, batch=32)
+
+
+def run(ctx: Context) -> dict:
+    s = settings(ctx)
+    pairs, warmup = (3, 1) if ctx.quick else ((20, 3) if ctx.cuda else (10, 2))
+    res = compare_steps(ctx, s, pairs=pairs, warmup=warmup, tag="image", memory=True)
+    res["targets"] = [
+        target("image step speed-up vs normflows", res["speedup_median"], ">=", 1.5, unit="x",
+               description="median over interleaved pairs of t_normflows / t_iresflow"),
+        target("image peak memory iresflow / normflows", res["peak_memory_ratio"], "<=", 1.0, unit="x",
+               description="allocator high-water mark of one training step above the live set"),
+    ]
+    res["table"] = [
+        {"metric": "step time (ms)", "iresflow": res["time"]["iresflow"]["median_s"] * 1e3,
+         "normflows": res["time"]["normflows"]["median_s"] * 1e3, "ratio": res["speedup_median"],
+         "ratio_meaning": "speed-up"},
+        {"metric": "speed-up if iresflow n_exact_terms=2 literally (info)",
+         "ratio": res.get("speedup_nominal_median"), "ratio_meaning": "speed-up, 1 term fewer"},
+        {"metric": "throughput (images/s)", "iresflow": res["throughput_samples_per_s"]["iresflow"],
+         "normflows": res["throughput_samples_per_s"]["normflows"]},
+        {"metric": "mean series terms / block", "iresflow": res["mean_series_terms"]["iresflow"],
+         "normflows": res["mean_series_terms"]["normflows"]},
+        {"metric": "peak memory (MiB)", "iresflow": res["peak_memory_bytes"]["iresflow"] / 2**20,
+         "normflows": res["peak_memory_bytes"]["normflows"] / 2**20, "ratio": res["peak_memory_ratio"],
+         "ratio_meaning": "iresflow / normflows"},
+        {"metric": "saved for backward (MiB)",
+         "iresflow": res["saved_for_backward_bytes"]["iresflow"] / 2**20,
+         "normflows": res["saved_for_backward_bytes"]["normflows"] / 2**20},
+    ]
+    return res

@@ -1,0 +1,312 @@
+"""What every task shares: optimiser and schedule, Lipschitz upkeep, non-finite losses, diagnostics.
+
+The user never calls anything by hand: after every optimiser step the task runs
+``lipschitz_iterations`` power iterations on every spectrally normalised layer
+(so the stored singular vectors track the weights), and before validation,
+testing and sampling ``lipschitz_eval_iterations`` more (evaluation mode uses
+the stored vectors without iterating).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+
+__all__ = [
+    "IResTask",
+    "NonFiniteLossError",
+    "build_optimizer",
+    "LRSchedule",
+    "task_parameters",
+    "OPTIMIZERS",
+    "SCHEDULERS",
+]
+
+OPTIMIZERS = ("adam", "adamw", "adamax", "sgd", "rmsprop")
+SCHEDULERS = ("none", "multistep", "cosine")
+NONFINITE = ("raise", "skip")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite (``task.on_nonfinite=raise``)."""
+
+
+def build_optimizer(params: Iterable[nn.Parameter], name: str, lr: float, weight_decay: float = 0.0,
+                    momentum: float = 0.9, nesterov: bool = False,
+                    betas: Sequence[float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+    """One of :data:`OPTIMIZERS` with the usual hyperparameters."""
+    params = list(params)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    if name == "adamax":
+        return torch.optim.Adamax(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0,
+                               weight_decay=weight_decay)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+class LRSchedule:
+    """Learning-rate factor per optimiser step: linear warm-up times a decay.
+
+    ``multistep``: ``gamma ** (number of milestones <= epoch)`` with epoch =
+    step // steps_per_epoch (the i-ResNet schedule); ``cosine``: half a cosine
+    from 1 to 0 over ``total_steps``. A plain object (not a closure) so the
+    scheduler's state is saved with the checkpoint.
+    """
+
+    def __init__(self, kind: str = "none", warmup_steps: int = 0, milestones: Sequence[int] = (),
+                 gamma: float = 0.1, steps_per_epoch: int = 1, total_steps: int | None = None):
+        if kind not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {kind!r}; choose one of {', '.join(SCHEDULERS)}")
+        if kind == "cosine" and not total_steps:
+            raise ValueError("the cosine schedule needs a finite number of steps (trainer.max_steps "
+                             "or trainer.max_epochs)")
+        self.kind, self.warmup_steps = kind, int(warmup_steps)
+        self.milestones, self.gamma = sorted(int(m) for m in milestones), float(gamma)
+        self.steps_per_epoch, self.total_steps = max(1, int(steps_per_epoch)), total_steps
+
+    def __call__(self, step: int) -> float:
+        factor = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps > 0 else 1.0
+        if self.kind == "multistep":
+            epoch = step // self.steps_per_epoch
+            factor *= self.gamma ** sum(epoch >= m for m in self.milestones)
+        elif self.kind == "cosine":
+            factor *= 0.5 * (1.0 + math.cos(math.pi * min(step, self.total_steps) / self.total_steps))
+        return factor
+
+
+def task_parameters(cls: type) -> list[str]:
+    """Every keyword a task class accepts (its own and its bases' ``__init__``)."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None or klass in (LightningModule, nn.Module, object):
+            continue
+        for p in inspect.signature(init).parameters.values():
+            if p.name not in ("self",) and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) \
+                    and p.name not in names:
+                names.append(p.name)
+    return names
+
+
+def _lipschitz_layers(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if hasattr(m, "power_iteration")]
+
+
+class IResTask(LightningModule):
+    """Base of the tasks: ``model`` is the network; the rest are training settings.
+
+    Parameters shared by every task (see ``configs/task/*.yaml``):
+      optimizer, lr, weight_decay, momentum, nesterov, betas: the optimiser.
+      scheduler ("none", "multistep", "cosine"), milestones (epochs), gamma,
+      warmup_steps / warmup_epochs: the per-step learning-rate schedule.
+      lipschitz_iterations: power iterations after each optimiser step (0: off).
+      lipschitz_eval_iterations: before validation / test / sampling.
+      on_nonfinite: "raise" (stop, naming the step and the last good checkpoint)
+      or "skip" (drop the batch, count it in ``train/skipped_batches``).
+    """
+
+    #: the metric checkpoints call "best", and whether lower is better
+    monitor: str = "val/loss"
+    monitor_mode: str = "min"
+
+    def __init__(self, model: nn.Module, *, optimizer: str = "adam", lr: float = 1e-3,
+                 weight_decay: float = 0.0, momentum: float = 0.9, nesterov: bool = False,
+                 betas: Sequence[float] = (0.9, 0.999), scheduler: str = "none",
+                 milestones: Sequence[int] = (), gamma: float = 0.1, warmup_steps: int = 0,
+                 warmup_epochs: int = 0, lipschitz_iterations: int = 1,
+                 lipschitz_eval_iterations: int = 10, on_nonfinite: str = "raise"):
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        if on_nonfinite not in NONFINITE:
+            raise ValueError(f"on_nonfinite must be one of {NONFINITE}, not {on_nonfinite!r}")
+        self.model = model
+        self.optimizer_name, self.lr, self.weight_decay = optimizer, float(lr), float(weight_decay)
+        self.momentum, self.nesterov, self.betas = float(momentum), bool(nesterov), tuple(betas)
+        self.scheduler_name, self.milestones, self.gamma = scheduler, tuple(milestones), float(gamma)
+        self.warmup_steps, self.warmup_epochs = int(warmup_steps), int(warmup_epochs)
+        self.lipschitz_iterations = int(lipschitz_iterations)
+        self.lipschitz_eval_iterations = int(lipschitz_eval_iterations)
+        self.on_nonfinite = on_nonfinite
+        #: the resolved run config, saved inside every checkpoint (set by iresflow.cli)
+        self.run_config: dict[str, Any] | None = None
+        #: PNG files written by this task (newest last)
+        self.picture_paths: list[Path] = []
+        self.skipped_batches = 0
+
+    # ------------------------------------------------------------------ optimisation
+    def _steps_per_epoch(self) -> int:
+        trainer = self.trainer
+        try:
+            total = trainer.estimated_stepping_batches  # also loads the train dataloader
+            n = trainer.num_training_batches
+        except Exception:  # no trainer (unit use) or an unsized loader
+            return 1
+        if n is None or not math.isfinite(n):
+            return max(1, int(total)) if math.isfinite(total) else 1
+        return max(1, math.ceil(n / max(1, trainer.accumulate_grad_batches)))
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = build_optimizer(params, self.optimizer_name, self.lr, self.weight_decay, self.momentum,
+                              self.nesterov, self.betas)
+        if self.scheduler_name == "none" and not (self.warmup_steps or self.warmup_epochs):
+            return opt
+        steps_per_epoch = self._steps_per_epoch()
+        total = None
+        try:
+            est = self.trainer.estimated_stepping_batches
+            total = int(est) if math.isfinite(est) else None
+        except Exception:
+            pass
+        warmup = self.warmup_steps + self.warmup_epochs * steps_per_epoch
+        schedule = LRSchedule(self.scheduler_name, warmup, self.milestones, self.gamma, steps_per_epoch, total)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    # ------------------------------------------------------------------ Lipschitz upkeep
+    def update_lipschitz(self, n_iterations: int) -> None:
+        """Run ``n_iterations`` power iterations on every spectrally normalised layer."""
+        if n_iterations <= 0:
+            return
+        try:
+            from iresflow.nn.lipschitz import update_lipschitz
+        except ImportError:  # a model without Lipschitz layers from this package
+            for layer in _lipschitz_layers(self.model):
+                layer.power_iteration(n_iterations)
+            return
+        update_lipschitz(self.model, n_iterations=n_iterations)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # after the optimiser step: keep u, v of the normalised layers converged to the new weights
+        self.update_lipschitz(self.lipschitz_iterations)
+
+    def on_validation_start(self) -> None:
+        self.update_lipschitz(self.lipschitz_eval_iterations)
+
+    def on_test_start(self) -> None:
+        self.update_lipschitz(self.lipschitz_eval_iterations)
+
+    # ------------------------------------------------------------------ non-finite losses
+    def last_good_checkpoint(self) -> str | None:
+        """The newest checkpoint file of this run, if any."""
+        trainer = getattr(self, "_trainer", None)
+        candidates: list[Path] = []
+        if trainer is not None:
+            for cb in trainer.checkpoint_callbacks:
+                for attr in ("last_model_path", "best_model_path"):
+                    p = getattr(cb, attr, "")
+                    if p and Path(p).is_file():
+                        candidates.append(Path(p))
+                dirpath = getattr(cb, "dirpath", None)
+                if dirpath and Path(dirpath).is_dir():
+                    candidates.extend(Path(dirpath).glob("*.ckpt"))
+        if not candidates:
+            return None
+        return str(max(candidates, key=lambda p: p.stat().st_mtime))
+
+    def check_loss(self, loss: torch.Tensor, batch_idx: int) -> bool:
+        """True when the loss may be used; raises or counts a skip otherwise.
+
+        Every rank takes the same decision (a non-finite loss on any rank
+        counts), so DDP never deadlocks with some ranks skipping.
+        """
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if not bad:
+            return True
+        where = (f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})")
+        if self.on_nonfinite == "skip":
+            self.skipped_batches += 1
+            self.print(f"warning: non-finite loss at {where}; batch skipped "
+                       f"({self.skipped_batches} so far, task.on_nonfinite=skip)")
+            return False
+        ckpt = self.last_good_checkpoint()
+        resume = (f"the last good checkpoint is {ckpt} (resume with ckpt_path={ckpt})"
+                  if ckpt else "no checkpoint has been saved yet")
+        raise NonFiniteLossError(
+            f"non-finite loss ({loss.detach().flatten()[0].item()}) at {where}; {resume}. "
+            "Lower the learning rate or the Lipschitz coefficient, or set task.on_nonfinite=skip "
+            "to drop such batches.")
+
+    # ------------------------------------------------------------------ diagnostics
+    def blocks(self) -> list[nn.Module]:
+        return list(getattr(self.model, "blocks", []) or [])
+
+    def block_diagnostics(self) -> dict[str, float]:
+        """Estimator terms, the last inverse solves and the certified Lipschitz bound."""
+        out: dict[str, float] = {}
+        blocks = self.blocks()
+        terms = [float(b.estimator.last_n_terms) for b in blocks
+                 if getattr(getattr(b, "estimator", None), "last_n_terms", None) is not None]
+        if terms:
+            out["estimator_terms"] = sum(terms) / len(terms)
+        infos = [b.last_solve_info for b in blocks if getattr(b, "last_solve_info", None) is not None]
+        if infos:
+            out["solver_iterations"] = sum(i.iterations for i in infos) / len(infos)
+            out["solver_iterations_max"] = float(max(i.iterations for i in infos))
+            out["solver_converged"] = sum(bool(i.converged) for i in infos) / len(infos)
+            out["solver_residual_max"] = float(max(float(i.residual) for i in infos))
+        bounds = []
+        for b in blocks:
+            fn = getattr(b, "lipschitz_bound", None) or getattr(getattr(b, "g", None), "lipschitz_bound", None)
+            if fn is not None:
+                try:
+                    bounds.append(float(fn()))
+                except Exception:
+                    pass
+        if bounds:
+            out["lipschitz_max"] = max(bounds)
+        return out
+
+    def reset_solve_info(self) -> None:
+        for b in self.blocks():
+            if hasattr(b, "last_solve_info"):
+                b.last_solve_info = None
+
+    # ------------------------------------------------------------------ pictures
+    @property
+    def output_dir(self) -> Path:
+        trainer = getattr(self, "_trainer", None)
+        root = trainer.default_root_dir if trainer is not None else os.getcwd()
+        return Path(root)
+
+    def log_picture(self, key: str, path: Path) -> None:
+        """Send a PNG to every image-capable logger (W&B)."""
+        self.picture_paths.append(Path(path))
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None:
+            return
+        for logger in trainer.loggers:
+            log_image = getattr(logger, "log_image", None)
+            if log_image is not None:
+                try:
+                    log_image(key=key, images=[str(path)], step=self.global_step)
+                except Exception as err:  # a logging failure must not kill the run
+                    self.print(f"warning: could not log {path} to {type(logger).__name__}: {err}")
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.run_config is not None:
+            checkpoint["iresflow_config"] = self.run_config
+        checkpoint["iresflow_skipped_batches"] = self.skipped_batches
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped_batches = int(checkpoint.get("iresflow_skipped_batches", 0))

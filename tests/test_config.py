@@ -1,0 +1,124 @@
+"""Config composition and overrides: groups, experiments, keys, errors that suggest."""
+
+import pytest
+from omegaconf import OmegaConf
+
+from iresflow import registry
+from iresflow.config import (ConfigError, GROUPS, apply_overrides, config_dir, group_options, load_config,
+                             normalize_component_node, parse_value)
+
+EXPERIMENTS = ["toy2d_density", "mnist_density", "cifar10_density", "mnist_classify", "cifar10_classify",
+               "cifar100_classify"]
+
+
+def test_default_is_the_toy_density_run():
+    cfg = load_config([])
+    assert cfg.data.name == "toy2d" and cfg.task.name == "density"
+    assert cfg.model.name == "iresnet_flow" and cfg.model.estimator.name == "russian_roulette"
+    assert cfg.logger.name == "wandb" and cfg.experiment is None
+    assert cfg.output_dir is None and cfg.ckpt_path is None
+    # interpolations are resolved: data.seed follows seed
+    assert load_config(["seed=7"]).data.seed == 7
+
+
+def test_every_group_file_and_experiment_composes():
+    for group in GROUPS[:-1]:
+        for name in group_options(group):
+            cfg = load_config([f"{group}={name}"])
+            assert cfg[group] is not None
+    assert set(EXPERIMENTS) <= set(group_options("experiment"))
+    for name in EXPERIMENTS:
+        cfg = load_config([f"experiment={name}"])
+        assert cfg.experiment == name and cfg.name == name
+        assert cfg.task.name == ("classification" if "classify" in name else "density")
+
+
+def test_experiment_sets_groups_and_command_line_groups_win():
+    cfg = load_config(["experiment=mnist_classify"])
+    assert (cfg.data.name, cfg.model.name, cfg.task.name) == ("mnist", "iresnet_classifier", "classification")
+    assert cfg.task.optimizer == "sgd" and cfg.task.lr == 0.1 and cfg.task.gamma == 0.2
+    cfg = load_config(["experiment=mnist_classify", "data=fake", "logger=none"])
+    assert cfg.data.name == "fake" and cfg.logger.name == "none"
+    assert cfg.data.batch_size == 128  # the experiment's body still applies
+
+
+def test_key_overrides_and_value_parsing():
+    cfg = load_config(["model.coeff=0.5", "task.lr=1e-3", "trainer.max_steps=5",
+                       "seed=3", "model.hidden=[8, 8]", "trainer.devices=2", "+task.extra=null"])
+    assert cfg.model.coeff == 0.5 and cfg.task.lr == 1e-3 and isinstance(cfg.task.lr, float)
+    assert cfg.trainer.max_steps == 5 and cfg.seed == 3 and list(cfg.model.hidden) == [8, 8]
+    assert load_config(["data=mnist", "data.root=/tmp/x"]).data.root == "/tmp/x"
+    assert "extra" in cfg.task and cfg.task.extra is None
+    assert parse_value("1e-3") == 1e-3 and parse_value("10") == 10 and parse_value("true") is True
+    assert parse_value("null") is None and parse_value("'007'") == "007" and parse_value("a/b") == "a/b"
+    assert parse_value("[1, 2e-1]") == [1, 0.2]
+
+
+def test_unknown_key_suggests():
+    with pytest.raises(ConfigError, match=r"model\.coeff"):
+        load_config(["model.coef=0.5"])
+    with pytest.raises(ConfigError, match=r"trainer\.max_steps"):
+        load_config(["trainer.max_step=5"])
+    with pytest.raises(ConfigError, match=r"\+model\.new_key"):
+        load_config(["model.new_key=1"])
+    with pytest.raises(ConfigError, match="already exists"):
+        load_config(["+model.coeff=1"])
+
+
+def test_unknown_group_or_group_file_suggests():
+    with pytest.raises(ConfigError, match="'mnist'"):
+        load_config(["data=mnsit"])
+    with pytest.raises(ConfigError, match="mnist_classify"):
+        load_config(["experiment=mnist_clasify"])
+    with pytest.raises(ConfigError, match="'data'"):
+        load_config(["dat=mnist"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(["model.coeff"])
+
+
+@pytest.fixture
+def scratch_estimator():
+    """A registered estimator with a parameter set of its own."""
+    name = "test_series_only"
+
+    @registry.register("estimator", name, description="test only", override=True)
+    def series(n_terms: int = 5, n_probes: int = 1, gradient: str = "backprop"):
+        return None
+
+    yield name
+    registry._REGISTRY["estimator"].pop(name, None)
+
+
+def test_switching_a_component_keeps_only_what_it_accepts(scratch_estimator):
+    cfg = load_config([f"model.estimator.name={scratch_estimator}", "model.estimator.n_terms=8"])
+    node = OmegaConf.to_container(cfg.model.estimator)
+    assert node == {"name": scratch_estimator, "n_terms": 8, "n_probes": 1, "gradient": "neumann"}
+    # the shorthand model.estimator=NAME does the same
+    cfg = load_config([f"model.estimator={scratch_estimator}"])
+    assert set(cfg.model.estimator) == {"name", "n_terms", "n_probes", "gradient"}
+    with pytest.raises(ConfigError, match="russian_roulette|Available"):
+        load_config(["model.estimator.name=rusian_roulette"])
+
+
+def test_n_terms_alias_for_russian_roulette():
+    node = normalize_component_node("estimator", {"name": "russian_roulette", "n_terms": 3, "eval_n_terms": 9})
+    assert node == {"name": "russian_roulette", "n_exact_terms": 3, "eval_n_exact_terms": 9}
+    assert normalize_component_node("estimator", {"name": "power_series", "n_terms": 3})["n_terms"] == 3
+    with pytest.raises(ConfigError):
+        normalize_component_node("estimator", {"name": "russian_roulette", "n_terms": 3, "n_exact_terms": 4})
+
+
+def test_apply_overrides_on_a_stored_config():
+    cfg = load_config([])
+    apply_overrides(cfg, ["data.batch_size=7", "~task.eval_estimator"])
+    assert cfg.data.batch_size == 7 and "eval_estimator" not in cfg.task
+    with pytest.raises(ConfigError, match="group"):
+        apply_overrides(cfg, ["data=mnist"])
+
+
+def test_config_dir_env(tmp_path, monkeypatch):
+    (tmp_path / "train.yaml").write_text("seed: 0\n")
+    monkeypatch.setenv("IRESFLOW_CONFIG_DIR", str(tmp_path))
+    assert config_dir() == tmp_path
+    with pytest.raises(ConfigError, match="no data config"):
+        load_config([])

@@ -1,0 +1,223 @@
+"""The Lightning tasks: units (bits/dim, schedule, optimisers), training mechanics with small
+stand-in models (exact 2D log-det, fixed-point inverse), non-finite losses, Lipschitz upkeep."""
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+from iresflow.data import FakeDataModule, Toy2DDataModule
+from iresflow.tasks import ClassificationTask, DensityTask, LRSchedule, NonFiniteLossError, bits_per_dim
+from iresflow.tasks.base import build_optimizer
+
+
+class _Block(nn.Module):
+    """x + g(x) with Lip(g) <= 0.9 by exact spectral normalisation (dimension 2 only)."""
+
+    def __init__(self, d: int = 2, h: int = 16):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(d, h), nn.Linear(h, d)
+        self.last_solve_info = None
+
+    @staticmethod
+    def _w(layer):
+        return layer.weight / torch.clamp(torch.linalg.matrix_norm(layer.weight, ord=2) / 0.9, min=1.0)
+
+    def g(self, x):
+        return nn.functional.linear(torch.tanh(nn.functional.linear(x, self._w(self.l1), self.l1.bias)),
+                                    self._w(self.l2), self.l2.bias)
+
+    def forward(self, x):
+        return x + self.g(x)
+
+    def forward_and_logdet(self, x):
+        jac = torch.func.vmap(torch.func.jacrev(lambda v: self.g(v[None])[0]))(x) + torch.eye(x.shape[1])
+        return self(x), torch.linalg.slogdet(jac)[1]
+
+    def inverse(self, y):
+        x = y.clone()
+        for _ in range(100):
+            x = y - self.g(x)
+        return x
+
+
+class StubFlow(nn.Module):
+    """A tiny exact flow with the model interface the density task uses."""
+
+    def __init__(self, n_blocks: int = 2, nan: bool = False):
+        super().__init__()
+        self.blocks = nn.ModuleList(_Block() for _ in range(n_blocks))
+        self.nan = nan
+
+    def forward_and_logdet(self, x):
+        logdet = x.new_zeros(len(x))
+        for b in self.blocks:
+            x, ld = b.forward_and_logdet(x)
+            logdet = logdet + ld
+        return x, logdet
+
+    def log_prob(self, x):
+        z, logdet = self.forward_and_logdet(x)
+        logp = -0.5 * z.pow(2).sum(1) - z.shape[1] * 0.5 * math.log(2 * math.pi) + logdet
+        return logp * float("nan") if self.nan else logp
+
+    def inverse(self, z):
+        for b in reversed(self.blocks):
+            z = b.inverse(z)
+        return z
+
+    def sample(self, n, temperature=1.0):
+        return self.inverse(temperature * torch.randn(n, 2))
+
+
+def _trainer(tmp_path, steps=4, **kw):
+    return pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
+                      default_root_dir=str(tmp_path), num_sanity_val_steps=0, **kw)
+
+
+def _toy(**kw):
+    return Toy2DDataModule("8gaussians", batch_size=64, train_size=128, val_size=64, test_size=64, **kw)
+
+
+# --------------------------------------------------------------------------- units
+
+def test_bits_per_dim_reference_values():
+    # the uniform density on [0,1]^D (log p = 0) puts 1/256 on every 8-bit value: exactly 8 bits/dim
+    d = 3 * 4 * 4
+    assert bits_per_dim(torch.zeros(5), d, 8).tolist() == [8.0] * 5
+    # a density twice as high everywhere (log p = D log 2) saves exactly one bit per dimension
+    assert torch.allclose(bits_per_dim(torch.tensor([d * math.log(2.0)]), d, 8), torch.tensor([7.0]))
+    # continuous data: bits/dim are nats/dim over ln 2, no discretisation term
+    assert torch.allclose(bits_per_dim(torch.tensor([-2.0 * math.log(2.0)]), 2, None), torch.tensor([1.0]))
+    from iresflow.data import bits_per_dim as data_bpd
+
+    logp = torch.randn(7, dtype=torch.float64) * 100
+    assert torch.allclose(bits_per_dim(logp, 784, 8), data_bpd(logp, 784, 8))
+
+
+def test_iresnet_schedule_warmup_and_steps():
+    s = LRSchedule("multistep", warmup_steps=10, milestones=[60, 120, 160], gamma=0.2, steps_per_epoch=10)
+    assert s(0) == pytest.approx(0.1) and s(4) == pytest.approx(0.5) and s(9) == 1.0
+    assert s(599) == 1.0 and s(600) == pytest.approx(0.2)
+    assert s(1200) == pytest.approx(0.04) and s(1600) == pytest.approx(0.008) and s(10**6) == pytest.approx(0.008)
+    c = LRSchedule("cosine", total_steps=100)
+    assert c(0) == 1.0 and c(50) == pytest.approx(0.5) and c(100) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError):
+        LRSchedule("cosine")
+    with pytest.raises(ValueError, match="multistep"):
+        LRSchedule("multistp")
+
+
+def test_optimizers():
+    p = [nn.Parameter(torch.zeros(3))]
+    kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "adamax": torch.optim.Adamax,
+             "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop}
+    for name, cls in kinds.items():
+        assert type(build_optimizer(p, name, 0.1)) is cls
+    sgd = build_optimizer(p, "sgd", 0.1, weight_decay=5e-4, momentum=0.9, nesterov=True)
+    assert sgd.defaults["momentum"] == 0.9 and sgd.defaults["nesterov"] and sgd.defaults["weight_decay"] == 5e-4
+    with pytest.raises(ValueError, match="adamax"):
+        build_optimizer(p, "adamx", 0.1)
+
+
+def test_task_rejects_bad_settings():
+    with pytest.raises(ValueError, match="optimizer"):
+        DensityTask(StubFlow(), optimizer="lbfgs")
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        DensityTask(StubFlow(), on_nonfinite="ignore")
+
+
+# --------------------------------------------------------------------------- training mechanics
+
+def test_density_task_trains_evaluates_and_draws(tmp_path):
+    torch.manual_seed(0)
+    task = DensityTask(StubFlow(), dims=(2,), n_samples=200, lr=1e-2, eval_estimator=None)
+    dm = _toy()
+    trainer = _trainer(tmp_path, steps=6, check_val_every_n_epoch=1)
+    trainer.fit(task, datamodule=dm)
+    m = trainer.callback_metrics
+    assert {"train/nll", "val/nll", "val/recon_error"} <= set(m)
+    assert "val/bpd" not in m  # continuous data: nats, no bits/dim
+    assert float(m["val/recon_error"]) < 1e-4
+    assert (tmp_path / "density.png").is_file() and list((tmp_path / "pictures").glob("density_*.png"))
+    res = trainer.test(task, datamodule=dm, verbose=False)[0]
+    assert math.isfinite(res["test/nll"])
+
+
+def test_density_task_reports_bits_per_dim_for_images(tmp_path):
+    task = DensityTask(StubFlow(), dims=(2,), data_kind="image", n_bits=8)
+    x = torch.rand(16, 2)
+    logp = task.log_prob(x)
+    expected = -(logp - 2 * math.log(256)) / (2 * math.log(2))
+    assert torch.allclose(task._bpd(logp), expected) and task.monitor == "val/bpd"
+
+
+def test_nonfinite_loss_raises_naming_the_step(tmp_path):
+    task = DensityTask(StubFlow(nan=True), dims=(2,))
+    with pytest.raises(NonFiniteLossError, match=r"step 0 .*no checkpoint"):
+        _trainer(tmp_path, steps=3).fit(task, datamodule=_toy())
+
+
+def test_nonfinite_loss_skip_drops_the_batch(tmp_path):
+    model = StubFlow(nan=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    task = DensityTask(model, dims=(2,), on_nonfinite="skip", picture_every_n_val=0)
+    trainer = _trainer(tmp_path, steps=3, limit_train_batches=2, max_epochs=1, limit_val_batches=0)
+    trainer.fit(task, datamodule=_toy())
+    assert task.skipped_batches == 2
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_lipschitz_upkeep_runs_after_every_optimizer_step(tmp_path, monkeypatch):
+    calls = []
+    task = DensityTask(StubFlow(), dims=(2,), lipschitz_iterations=3, lipschitz_eval_iterations=7,
+                       picture_every_n_val=0)
+    monkeypatch.setattr(task, "update_lipschitz", lambda n: calls.append(n))
+    _trainer(tmp_path, steps=4, check_val_every_n_epoch=1).fit(task, datamodule=_toy())
+    assert calls.count(3) == 4  # one call per optimiser step
+    assert 7 in calls           # before validation / the final pictures
+
+
+def test_lipschitz_upkeep_converges_real_layers():
+    lipschitz = pytest.importorskip("iresflow.nn.lipschitz")
+    torch.manual_seed(0)
+    layer = lipschitz.LipschitzLinear(6, 6, coeff=0.9)
+    task = DensityTask(nn.Sequential(layer), dims=(6,))
+    for _ in range(50):
+        task.update_lipschitz(1)
+    true_sigma = torch.linalg.matrix_norm(layer.weight.detach(), ord=2)
+    assert float(layer.sigma) == pytest.approx(float(true_sigma), rel=1e-3)
+
+
+class _LinearClassifier(nn.Module):
+    def __init__(self, in_shape=(1, 4, 4), num_classes=3):
+        super().__init__()
+        self.blocks = nn.ModuleList([_Block(d=16, h=8)])
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        h = x.flatten(1)
+        for b in self.blocks:
+            h = b(h)
+        return self.head(h)
+
+
+def test_classification_task_accuracy_and_inverse_check(tmp_path):
+    dm = FakeDataModule(image_size=(1, 4, 4), num_classes=3, size=32, val_size=16, test_size=16, batch_size=8,
+                        task="classification")
+    task = ClassificationTask(_LinearClassifier(), num_classes=3, top_k=2, optimizer="sgd", lr=0.05,
+                              scheduler="multistep", milestones=[1], warmup_epochs=1)
+    trainer = _trainer(tmp_path, steps=8, check_val_every_n_epoch=1)
+    trainer.fit(task, datamodule=dm)
+    m = trainer.callback_metrics
+    assert {"train/loss", "val/acc", "val/acc_top2", "val/loss", "val/recon_error"} <= set(m)
+    assert 0.0 <= float(m["val/acc"]) <= float(m["val/acc_top2"]) <= 1.0
+    assert float(m["val/recon_error"]) < 1e-4
+    res = trainer.test(task, datamodule=dm, verbose=False)[0]
+    assert {"test/acc", "test/acc_top2"} <= set(res)
+    # the warm-up ran over the first epoch's 4 steps, then the milestone at epoch 1 cut the lr
+    sched = trainer.lr_scheduler_configs[0].scheduler
+    assert sched.get_last_lr()[0] == pytest.approx(0.05 * 0.1)
