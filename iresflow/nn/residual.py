@@ -1,0 +1,131 @@
+"""Residual functions ``g`` of ``F(x) = x + g(x)`` (kind ``residual``), with ``Lip(g) < 1``.
+
+``g`` alternates spectrally normalised linear maps and activations. Every
+linear map is normalised to ``coeff`` divided by the Lipschitz constant of the
+activation before it, so ``Lip(g) <= coeff ** n_linear <= coeff`` (the
+i-ResNet convention: ``c`` is the per-layer bound). ``lipschitz_bound()``
+returns the product of the layers' current operator norms and the
+activations' constants: the bound that the estimator and the inverse rely on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from iresflow.nn import activations as _activations  # noqa: F401 - registers the names below
+from iresflow.nn.lipschitz import LIPSCHITZ_LAYERS, LipschitzConv2d, LipschitzLinear
+from iresflow.registry import build_node, register
+
+__all__ = ["MLPResidual", "ConvResidual", "ResidualFunction"]
+
+
+class ResidualFunction(nn.Module):
+    """A sequence of normalised linear maps and activations with a certified bound."""
+
+    net: nn.Sequential
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def lipschitz_bound(self) -> float:
+        bound = 1.0
+        for m in self.net:
+            if isinstance(m, LIPSCHITZ_LAYERS):
+                bound *= m.lipschitz_constant()
+            else:
+                bound *= float(getattr(m, "lipschitz", 1.0))
+        return bound
+
+
+def _activation(node: Any) -> nn.Module:
+    act = build_node("activation", node)
+    if not hasattr(act, "lipschitz"):
+        raise TypeError(f"activation {type(act).__name__} must declare its Lipschitz constant "
+                        "(a `lipschitz` attribute)")
+    return act
+
+
+@register("residual", "mlp", description="fully connected g: dim -> hidden... -> dim, spectrally normalised "
+                                         "(toy 2D and vector flows)")
+class MLPResidual(ResidualFunction):
+    """``g = W_L o act o ... o act o W_1`` (with ``preact``: an activation first).
+
+    Args:
+        dim: input and output width.
+        hidden: widths of the hidden layers.
+        activation: registered name or node (``{name: lipswish, beta: 1.0}``).
+        coeff: bound c on each normalised linear map.
+        n_iterations, tol, max_iterations: power-iteration settings of each layer.
+        preact: start with an activation (as stacked Residual Flows blocks do).
+    """
+
+    def __init__(self, dim: int, hidden: Sequence[int] = (128, 128), activation: Any = "lipswish",
+                 coeff: float = 0.97, n_iterations: int = 1, tol: float | None = None,
+                 max_iterations: int = 200, preact: bool = False):
+        super().__init__()
+        if not 0 < coeff < 1:
+            raise ValueError(f"coeff must lie in (0, 1) for g to be a contraction, got {coeff}")
+        widths = [int(dim), *[int(h) for h in hidden], int(dim)]
+        layers: list[nn.Module] = []
+        width_in, lip_in = widths[0], 1.0
+        if preact:
+            act = _activation(activation)
+            layers.append(act)
+            width_in, lip_in = width_in * act.width_factor, act.lipschitz
+        for i, width_out in enumerate(widths[1:]):
+            layers.append(LipschitzLinear(width_in, width_out, coeff=coeff / lip_in, n_iterations=n_iterations,
+                                          tol=tol, max_iterations=max_iterations))
+            if i < len(widths) - 2:
+                act = _activation(activation)
+                layers.append(act)
+                width_in, lip_in = width_out * act.width_factor, act.lipschitz
+        self.net = nn.Sequential(*layers)
+        self.dim, self.coeff = int(dim), float(coeff)
+
+
+@register("residual", "conv", description="convolutional bottleneck g: k1 x k1 -> k2 x k2 -> k3 x k3 convs "
+                                          "(i-ResNet 3-1-3), operator-norm normalised")
+class ConvResidual(ResidualFunction):
+    """The i-ResNet bottleneck: ``in -> hidden -> hidden -> in`` channels, 'same' padding.
+
+    Args:
+        in_channels: channels of the input and output.
+        input_size: ``(H, W)`` of the input: the operator norm of a k x k
+            convolution depends on it (``None``: taken from the first forward).
+        hidden_channels: channels of the two hidden feature maps.
+        kernel_sizes: one odd kernel size per convolution (default 3, 1, 3).
+        activation, coeff, n_iterations, tol, max_iterations, preact: as :class:`MLPResidual`.
+    """
+
+    def __init__(self, in_channels: int, input_size: Sequence[int] | None = None, hidden_channels: int = 512,
+                 kernel_sizes: Sequence[int] = (3, 1, 3), activation: Any = "elu", coeff: float = 0.97,
+                 n_iterations: int = 1, tol: float | None = None, max_iterations: int = 200,
+                 preact: bool = True):
+        super().__init__()
+        if not 0 < coeff < 1:
+            raise ValueError(f"coeff must lie in (0, 1) for g to be a contraction, got {coeff}")
+        if any(int(k) % 2 == 0 for k in kernel_sizes):
+            raise ValueError(f"kernel sizes must be odd ('same' padding keeps the shape), got {kernel_sizes}")
+        size = None if input_size is None else (int(input_size[0]), int(input_size[1]))
+        channels = [int(in_channels)] + [int(hidden_channels)] * (len(kernel_sizes) - 1) + [int(in_channels)]
+        layers: list[nn.Module] = []
+        width_in, lip_in = channels[0], 1.0
+        if preact:
+            act = _activation(activation)
+            layers.append(act)
+            width_in, lip_in = width_in * act.width_factor, act.lipschitz
+        for i, (k, width_out) in enumerate(zip(kernel_sizes, channels[1:])):
+            k = int(k)
+            layers.append(LipschitzConv2d(width_in, width_out, k, padding=k // 2, input_size=size,
+                                          coeff=coeff / lip_in, n_iterations=n_iterations, tol=tol,
+                                          max_iterations=max_iterations))
+            if i < len(kernel_sizes) - 1:
+                act = _activation(activation)
+                layers.append(act)
+                width_in, lip_in = width_out * act.width_factor, act.lipschitz
+        self.net = nn.Sequential(*layers)
+        self.in_channels, self.input_size, self.coeff = int(in_channels), size, float(coeff)
