@@ -172,8 +172,9 @@ class ResidualFlow(nn.Module):
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """``log p(x)`` per sample, in nats, every layer's log-det included (logit too)."""
         z, logdet = self.forward_and_logdet(x)
-        # The prior and the sum in float32 even under mixed precision.
-        return standard_normal_log_prob(z.float()) + logdet.float()
+        # The prior and the sum in (at least) float32, also under mixed precision.
+        acc = torch.promote_types(z.dtype, torch.float32)
+        return standard_normal_log_prob(z.to(acc)) + logdet.to(acc)
 
     @torch.no_grad()
     def inverse(self, z: torch.Tensor) -> torch.Tensor:
