@@ -240,3 +240,22 @@ def test_residual_settings_are_validated():
         ConvResidual(2, input_size=(4, 4), hidden_channels=4, kernel_sizes=(2, 1, 3))
     with pytest.raises(registry.RegistryError, match="Did you mean 'lipswish'"):
         MLPResidual(2, activation="lipswhish")
+
+
+def test_mlp_bound_is_attained_with_orthogonal_maps():
+    """Orthogonal maps scaled above c are normalised to c * orthogonal; with ELU in its
+    linear region (large positive biases) J_g = c^3 * orthogonal: Lip(g) = c^3 exactly."""
+    torch.manual_seed(0)
+    coeff = 0.9
+    g = MLPResidual(4, hidden=(4, 4), activation="elu", coeff=coeff).double()
+    with torch.no_grad():
+        for m in g.modules():
+            if isinstance(m, LIPSCHITZ_LAYERS):
+                torch.nn.init.orthogonal_(m.weight)
+                m.weight.mul_(5.0)
+                m.bias.fill_(50.0)
+    update_lipschitz(g, n_iterations=500)
+    norms = _jacobian_norms(g, torch.randn(4, 4, dtype=torch.float64))
+    assert max(norms) == pytest.approx(coeff ** 3, rel=1e-9)
+    assert min(norms) == pytest.approx(coeff ** 3, rel=1e-9)
+    assert g.lipschitz_bound() == pytest.approx(coeff ** 3, rel=1e-9)
