@@ -14,6 +14,8 @@ A spec is exactly the YAML that ``wandb sweep`` accepts (``method``, ``metric``,
   renders them, plus ``output_dir=<out>/<run_id>`` and
   ``logger.group=<sweep name>`` (in the same argument style);
 - ``--parallel K`` processes at a time, ``--gpus 0,1`` pins each to one GPU;
+- ``--shard K/N`` runs only every N-th run (index % N == K): N workers, e.g. the
+  tasks of a SLURM job array, share one sweep folder without running a run twice;
 - a failed run does not stop the sweep, a rerun skips runs whose
   ``metrics.json`` exists (and resumes a run that left ``checkpoints/last.ckpt``);
 - ``summary.csv``, ``summary.md`` and ``summary.png`` (the metric against the
@@ -60,7 +62,7 @@ import yaml
 __all__ = [
     "SweepError", "Run", "load_spec", "validate_spec", "apply_overrides", "expand", "format_args",
     "render_command", "run_id_of", "plan", "run_sweep", "collect", "write_summary", "plot_summary",
-    "run_wandb", "add_arguments", "main",
+    "run_wandb", "add_arguments", "main", "parse_shard", "in_shard",
 ]
 
 DEFAULT_OUT_ROOT = Path("runs") / "sweeps"
@@ -874,8 +876,13 @@ def _reachable(host: str, port: int, timeout: float = 3.0) -> bool:
 
 def run_wandb(spec: dict[str, Any], *, count: int | None = None, parallel: int = 1,
               gpus: Sequence[str] | None = None, project: str | None = None, entity: str | None = None,
-              register_timeout: float = 60.0) -> int:
-    """Register ``spec`` on the W&B server and run ``wandb agent`` (one per worker / GPU)."""
+              register_timeout: float = 60.0, sweep_id: str | None = None) -> int:
+    """Register ``spec`` on the W&B server and run ``wandb agent`` (one per worker / GPU).
+
+    With ``sweep_id`` the sweep exists already (registered by an earlier call or by
+    ``wandb sweep``): only the agents start, so every allocation of a cluster job can
+    join the same sweep.
+    """
     if not wandb_api_key_available():
         raise SweepError("--wandb needs a W&B API key: set WANDB_API_KEY or run `wandb login` "
                          "(no key in the environment or in ~/.netrc). Without --wandb the sweep runs "
@@ -884,13 +891,16 @@ def run_wandb(spec: dict[str, Any], *, count: int | None = None, parallel: int =
     if not _reachable(host, port):
         raise SweepError(f"--wandb: the W&B server {host}:{port} cannot be reached (no network?). "
                          "Run the sweep locally without --wandb, and `wandb sync` the offline runs later.")
+    project = project or spec.get("project") or "iresflow"
+    if sweep_id:
+        return _start_agents(sweep_id, entity, project, count, parallel, gpus)
     import wandb
 
     result: dict[str, Any] = {}
 
     def register() -> None:
         try:
-            result["id"] = wandb.sweep(spec, entity=entity, project=project or spec.get("project") or "iresflow")
+            result["id"] = wandb.sweep(spec, entity=entity, project=project)
         except Exception as err:  # reported below with its message
             result["error"] = err
 
@@ -901,8 +911,16 @@ def run_wandb(spec: dict[str, Any], *, count: int | None = None, parallel: int =
         raise SweepError(f"--wandb: registering the sweep took longer than {register_timeout:g} s; giving up")
     if "error" in result:
         raise SweepError(f"--wandb: the W&B server refused the sweep: {result['error']}")
-    sweep_id = result["id"]
-    path = "/".join(p for p in (entity, project or spec.get("project") or "iresflow", sweep_id) if p)
+    print(f"sweep registered: {result['id']} (join it from other machines with --sweep-id {result['id']})",
+          flush=True)
+    return _start_agents(result["id"], entity, project, count, parallel, gpus)
+
+
+def _start_agents(sweep_id: str, entity: str | None, project: str, count: int | None, parallel: int,
+                  gpus: Sequence[str] | None) -> int:
+    """``wandb agent`` processes for a registered sweep (one per worker / GPU); their exit code."""
+    # a full path entity/project/id may be given as the id
+    path = sweep_id if sweep_id.count("/") == 2 else "/".join(p for p in (entity, project, sweep_id) if p)
     cmd = [sys.executable, "-m", "wandb", "agent"] + (["--count", str(count)] if count else []) + [path]
     env = dict(os.environ)
     # the agent runs `python` from PATH for ${interpreter}: make that this environment's Python
@@ -952,6 +970,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="rewrite the summary from the runs' files without starting anything")
     parser.add_argument("--wandb", action="store_true",
                         help="register the sweep on the W&B server and run `wandb agent` (needs a key + network)")
+    parser.add_argument("--shard", default=None, metavar="K/N",
+                        help="run only the runs with index %% N == K (0 <= K < N): N workers (e.g. the tasks "
+                             "of a SLURM job array) share one sweep folder; the summary lists every run")
+    parser.add_argument("--sweep-id", default=None, metavar="ID",
+                        help="with --wandb: join this registered sweep (ID or entity/project/ID) instead of "
+                             "registering the spec again; one agent per allocation")
     parser.add_argument("--project", default=None, help="W&B project for --wandb (default: the spec's, or iresflow)")
     parser.add_argument("--entity", default=None, help="W&B entity for --wandb")
 
@@ -981,17 +1005,35 @@ examples:
   iresflow sweep sweeps/coeff.yaml --dry-run
   iresflow sweep sweeps/coeff_density.yaml --parallel 2 trainer.max_steps=3000
   iresflow sweep sweeps/series_length.yaml --gpus 0,1,2,3
-  iresflow sweep sweeps/ablation_activation.yaml --wandb     # W&B server + wandb agent"""
+  iresflow sweep sweeps/ablation_activation.yaml --wandb     # W&B server + wandb agent
+  iresflow sweep sweeps/coeff.yaml --shard $SLURM_ARRAY_TASK_ID/5   # one of 5 array tasks"""
 
 
-def _print_plan(runs: list[Run], spec: dict[str, Any], out: Path) -> None:
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"K/N"`` -> ``(K, N)`` with ``0 <= K < N``."""
+    if not text:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
+        raise SweepError(f"--shard must be K/N with 0 <= K < N (e.g. 0/4), not {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def in_shard(run: Run, shard: tuple[int, int] | None) -> bool:
+    return shard is None or run.index % shard[1] == shard[0]
+
+
+def _print_plan(runs: list[Run], spec: dict[str, Any], out: Path, shard: tuple[int, int] | None = None) -> None:
     swept = swept_names(spec)
-    print(f"sweep {sweep_name(spec)} ({spec['method']}): {len(runs)} runs -> {out}")
+    mine = f"; shard {shard[0]}/{shard[1]} runs {sum(in_shard(r, shard) for r in runs)} of them" if shard else ""
+    print(f"sweep {sweep_name(spec)} ({spec['method']}): {len(runs)} runs -> {out}{mine}")
     fixed = {k: v for k, v in (runs[0].config.items() if runs else []) if k not in swept}
     if fixed:
         print("fixed: " + " ".join(f"{k}={_cell(v)}" for k, v in fixed.items()))
     for r in runs:
         state = "done, skipped" if r.done else ("resumes last.ckpt" if "ckpt_path" in r.extra else "to run")
+        if not in_shard(r, shard):
+            state = "another shard's"
         values = " ".join(f"{k}={_cell(r.config.get(k))}" for k in swept)
         print(f"\n[{r.index + 1}] {r.run_id}  {values}  ({state})")
         print("    " + shlex.join(r.command))
@@ -1007,21 +1049,26 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
         spec = apply_overrides(load_spec(args.spec), args.overrides or [])
         validate_spec(spec, args.spec)
         gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
+        shard = parse_shard(getattr(args, "shard", None))
+        if getattr(args, "sweep_id", None) and not args.wandb:
+            raise SweepError("--sweep-id joins a sweep on the W&B server; add --wandb")
         parallel = args.parallel or (len(gpus) if gpus else 1)
         if parallel < 1:
             raise SweepError("--parallel must be >= 1")
         if args.wandb:
             if args.dry_run:
                 raise SweepError("--dry-run and --wandb: the server chooses the runs; drop --wandb to list them")
+            if shard:
+                raise SweepError("--shard splits a local sweep; with --wandb the server hands out the runs")
             return run_wandb(spec, count=args.count, parallel=parallel, gpus=gpus,
-                             project=args.project, entity=args.entity)
+                             project=args.project, entity=args.entity, sweep_id=getattr(args, "sweep_id", None))
         out = Path(args.out) if args.out else DEFAULT_OUT_ROOT / sweep_name(spec)
         runs = plan(spec, out, count=args.count, seed=args.seed, fresh=args.fresh)
     except SweepError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.dry_run:
-        _print_plan(runs, spec, out.resolve())
+        _print_plan(runs, spec, out.resolve(), shard)
         return 0
     extra = [m.strip() for m in (args.metrics or "").split(",") if m.strip()]
     out.mkdir(parents=True, exist_ok=True)
@@ -1031,17 +1078,18 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
         collect(runs)
     else:
         try:
-            run_sweep(runs, name=sweep_name(spec), parallel=parallel, gpus=gpus, timeout=args.timeout)
+            run_sweep([r for r in runs if in_shard(r, shard)], name=sweep_name(spec), parallel=parallel,
+                      gpus=gpus, timeout=args.timeout)
         except KeyboardInterrupt:
             interrupted = True
-            collect(runs)
+        collect(runs)  # other shards' runs (and, after an interrupt, the unfinished ones)
     paths = write_summary(runs, spec, out, extra_metrics=extra)
     print(f"\nsummary: {paths['md']}\n         {paths['csv']}" + (f"\nplot:    {paths['png']}" if "png" in paths else ""))
     print(paths["md"].read_text().split("\n## Failed runs")[0])
     if interrupted:
         print("interrupted; run the same command again to continue the sweep", file=sys.stderr)
         return 130
-    return 1 if any(r.status == "failed" for r in runs) else 0
+    return 1 if any(r.status == "failed" for r in runs if in_shard(r, shard)) else 0
 
 
 if __name__ == "__main__":

@@ -89,13 +89,41 @@ def _needs(kind, name):
 
 # --------------------------------------------------------------------------- commands and errors
 
-@pytest.mark.parametrize("command", [["train"], ["eval"], ["sample"], ["registry", "list"], ["config", "show"],
-                                     []])
+@pytest.mark.parametrize("command", [["train"], ["eval"], ["sample"], ["sweep"], ["registry", "list"],
+                                     ["config", "show"], []])
 def test_help_on_every_command(command, capsys):
     with pytest.raises(SystemExit) as exc:
         main([*command, "--help"])
     assert exc.value.code == 0
     assert "usage: iresflow" in capsys.readouterr().out
+
+
+def test_sweep_command_dry_run(tmp_path, capsys):
+    """`iresflow sweep SPEC --dry-run` lists the runs; overrides may follow the options."""
+    spec = os.path.join(os.path.dirname(__file__), "..", "sweeps", "coeff.yaml")
+    assert main(["sweep", spec, "--dry-run", "--out", str(tmp_path / "s"), "trainer.max_epochs=2"]) == 0
+    out = capsys.readouterr().out
+    assert "sweep coeff (grid): 5 runs" in out
+    assert [ln.split()[2] for ln in out.splitlines() if ln.startswith("[")] == \
+        [f"model.coeff={c}" for c in ("0.5", "0.6", "0.7", "0.8", "0.9")]
+    assert out.count("trainer.max_epochs=2 ") == 5 and not (tmp_path / "s").exists()
+    assert main(["sweep", str(tmp_path / "missing.yaml"), "--dry-run"]) == 2
+
+
+def test_rank_from_the_launchers_environment(monkeypatch):
+    from iresflow.cli import _rank
+
+    for var in ("RANK", "SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "LOCAL_RANK", "NODE_RANK",
+                "GROUP_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert _rank() == 0
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("NODE_RANK", "1")  # lightning's launcher on the second node: not rank 0
+    assert _rank() > 0
+    monkeypatch.setenv("SLURM_PROCID", "0")  # srun: the global rank
+    assert _rank() == 0
+    monkeypatch.setenv("RANK", "3")  # torchrun
+    assert _rank() == 3
 
 
 def test_config_show_and_registry_list(capsys):

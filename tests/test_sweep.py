@@ -256,6 +256,29 @@ def test_gpus_pin_one_device_per_worker(fake):
     assert sorted(set(gpus)) == ["0", "1"] and len(gpus) == 4
 
 
+def test_shards_split_the_runs_and_share_the_folder(fake, capsys):
+    """N workers (a SLURM job array) on one sweep folder: every run runs once; the summary
+    of each worker lists all runs, the other shards' still pending until they finish."""
+    make, tmp = fake
+    path = make({"x": {"values": [0.0, 0.1, 0.2, 0.3, 0.4]}})
+    out = tmp / "o"
+    assert main([str(path), "--out", str(out), "--shard", "1/2", "--dry-run"]) == 0
+    listing = capsys.readouterr().out
+    assert "shard 1/2 runs 2 of them" in listing and listing.count("another shard's") == 3
+    assert _calls(tmp) == []
+    assert main([str(path), "--out", str(out), "--shard", "1/2"]) == 0
+    assert sorted(c["args"][0] for c in _calls(tmp)) == ["x=0.1", "x=0.3"]
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert [r["status"] for r in rows] == ["pending", "finished", "pending", "finished", "pending"]
+    assert main([str(path), "--out", str(out), "--shard", "0/2"]) == 0
+    assert sorted(c["args"][0] for c in _calls(tmp)) == [f"x=0.{i}" for i in range(5)]
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert [r["status"] for r in rows] == ["finished", "cached", "finished", "cached", "finished"]
+    for bad in ("2/2", "1", "a/b"):
+        assert main([str(path), "--out", str(out), "--shard", bad]) == 2
+    assert "0 <= K < N" in capsys.readouterr().err
+
+
 def test_random_sweep_runs_and_plots_bars_for_categorical(fake):
     make, tmp = fake
     path = make({"mode": {"values": ["a", "b"]}, "x": {"distribution": "uniform", "min": 0.0, "max": 0.5}},
@@ -299,6 +322,34 @@ def test_wandb_without_network_errors_clearly(fake, monkeypatch, capsys):
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # discard port: nothing listens
     assert main([str(path), "--wandb"]) == 2
     assert "cannot be reached" in capsys.readouterr().err
+
+
+def test_wandb_sweep_id_joins_without_registering(fake, monkeypatch, capsys):
+    """One `wandb agent` per allocation: --sweep-id starts agents for an existing sweep."""
+    make, tmp = fake
+    path = make({"x": {"values": [0.1]}})
+    monkeypatch.setattr(sweep, "wandb_api_key_available", lambda: True)
+    monkeypatch.setattr(sweep, "_reachable", lambda host, port, timeout=3.0: True)
+    import wandb
+
+    monkeypatch.setattr(wandb, "sweep", lambda *a, **k: pytest.fail("registered the sweep again"))
+    started = []
+
+    class FakeAgent:
+        def __init__(self, cmd, env, **kw):
+            started.append((cmd, env.get("CUDA_VISIBLE_DEVICES")))
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(sweep.subprocess, "Popen", FakeAgent)
+    assert main([str(path), "--wandb", "--sweep-id", "abc123", "--entity", "me", "--gpus", "0,1",
+                 "--count", "4"]) == 0
+    # one agent per GPU, each pinned to its GPU, all on the same sweep (the spec has no project)
+    assert [(c[-4:], g) for c, g in started] == [(["agent", "--count", "4", "me/iresflow/abc123"], "0"),
+                                                 (["agent", "--count", "4", "me/iresflow/abc123"], "1")]
+    assert main([str(path), "--sweep-id", "abc123"]) == 2
+    assert "add --wandb" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- the repo's specs

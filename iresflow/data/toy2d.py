@@ -22,7 +22,10 @@ rings          4 concentric rings, radii 0.75, 1.5, 2.25, 3 (noise 0.08)   4
 
 Training draws fresh samples every epoch (a dataset of ``train_size`` points
 per epoch, never repeated), so training can be run by ``max_steps`` or by
-epochs alike; validation and test sets are fixed and seeded.
+epochs alike; validation and test sets are fixed and seeded. Under DDP every
+rank draws different training points (an epoch is still ``train_size``
+points in all, like a distributed sampler's pass over a dataset), while the
+validation and test sets are split among the ranks by Lightning's sampler.
 """
 
 from __future__ import annotations
@@ -151,26 +154,48 @@ class ToyStream(IterableDataset):
     Every pass draws new points: the per-batch generator is seeded from
     ``(seed, pass number, worker seed, batch index)``, so runs are reproducible;
     with several workers the batches of a pass are dealt out among them.
+
+    Under data parallelism (``rank`` / ``world_size``, set by the datamodule from
+    the trainer, else read from ``torch.distributed``) the ``n_batches`` of a pass
+    are dealt out among the ranks the same way: every rank draws *different*
+    points and yields ``ceil(n_batches / world_size)`` batches (the same number on
+    every rank, so no rank waits for a step the others never take). One process
+    (``world_size = 1``) draws exactly the batches it drew before.
     """
 
-    def __init__(self, dataset: str, batch_size: int, n_batches: int, seed: int = 0):
+    def __init__(self, dataset: str, batch_size: int, n_batches: int, seed: int = 0,
+                 rank: int | None = None, world_size: int | None = None):
         self.dataset = _check_name(dataset)
         self.batch_size = int(batch_size)
         self.n_batches = int(n_batches)
         self.seed = int(seed)
+        self.rank, self.world_size = rank, world_size
         self._passes = 0  # counts passes in this process (main, or a persistent worker)
 
+    def _dist(self) -> tuple[int, int]:
+        if self.world_size is not None:
+            return int(self.rank or 0), max(1, int(self.world_size))
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
     def __len__(self) -> int:
-        return self.n_batches
+        return math.ceil(self.n_batches / self._dist()[1])
 
     def __iter__(self):
         info = get_worker_info()
         worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        rank, world = self._dist()
         # a non-persistent worker is a fresh copy each epoch, but then its seed is fresh too
         worker_seed = 0 if info is None else info.seed
         epoch = self._passes
         self._passes += 1
-        for b in range(worker, self.n_batches, n_workers):
+        per_rank = math.ceil(self.n_batches / world)
+        # batch index b (global over the ranks) -> rank b % world; a rank's batches -> its workers
+        for i in range(worker, per_rank, n_workers):
+            b = i * world + rank
             g = torch.Generator().manual_seed(hash((self.seed, epoch, worker_seed, b)) & (2**62 - 1))
             yield sample_toy2d(self.dataset, self.batch_size, g, return_labels=True)
 
@@ -231,6 +256,9 @@ class Toy2DDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:  # data parallel: every rank draws its own share of the points
+            self._train.rank, self._train.world_size = trainer.global_rank, trainer.world_size
         return self._loader(self._train)  # the stream yields whole batches
 
     def val_dataloader(self) -> DataLoader:

@@ -5,6 +5,13 @@ The user never calls anything by hand: after every optimiser step the task runs
 (so the stored singular vectors track the weights), and before validation,
 testing and sampling ``lipschitz_eval_iterations`` more (evaluation mode uses
 the stored vectors without iterating).
+
+Data parallel (DDP) rules the tasks keep: every rank runs the same power
+iterations at the same points (never only rank 0), so the ``u``/``v`` buffers
+stay identical; every decision that changes control flow (a skipped batch)
+is reduced across ranks; metrics are torchmetrics objects or logged with
+``sync_dist=True``; files and pictures are written by global rank 0 only; the
+estimators' random draws differ between ranks (:meth:`IResTask.on_train_start`).
 """
 
 from __future__ import annotations
@@ -193,8 +200,20 @@ class IResTask(LightningModule):
         update_lipschitz(self.model, n_iterations=n_iterations)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        # after the optimiser step: keep u, v of the normalised layers converged to the new weights
+        # After the optimiser step: keep u, v of the normalised layers converged to the new weights.
+        # Every rank runs the same iterations on the same (all-reduced) weights, so the vectors
+        # stay identical across ranks (and DDP broadcasts rank 0's buffers before each forward).
         self.update_lipschitz(self.lipschitz_iterations)
+
+    def on_train_start(self) -> None:
+        # Lightning seeds every rank alike, so without this the Hutchinson probes and the
+        # Russian-roulette draws would repeat on every rank: still unbiased, but the ranks'
+        # estimates would be correlated. Each rank gets its own stream (model parameters are
+        # unaffected: DDP broadcast them from rank 0 when it wrapped the model).
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            seed = (torch.initial_seed() + 1_000_003 * trainer.global_rank) % (2**63)
+            torch.manual_seed(seed)
 
     def on_validation_start(self) -> None:
         self.update_lipschitz(self.lipschitz_eval_iterations)

@@ -48,10 +48,13 @@ class ClassificationTask(IResTask):
         self.save_hyperparameters(ignore=["model"])
         metrics: dict[str, nn.Module] = {}
         for stage in ("train", "val", "test"):
-            metrics[f"{stage}_acc"] = MulticlassAccuracy(self.num_classes, top_k=1, average="micro")
+            # torchmetrics reduces epoch values across DDP ranks; the per-step training values too
+            # (dist_sync_on_step), so the logged step accuracy is the global batch's, not rank 0's
+            sync = {"dist_sync_on_step": stage == "train"}
+            metrics[f"{stage}_acc"] = MulticlassAccuracy(self.num_classes, top_k=1, average="micro", **sync)
             if self.top_k:
                 metrics[f"{stage}_acc_top{self.top_k}"] = MulticlassAccuracy(
-                    self.num_classes, top_k=self.top_k, average="micro")
+                    self.num_classes, top_k=self.top_k, average="micro", **sync)
             metrics[f"{stage}_loss"] = MeanMetric()
         self._metrics = nn.ModuleDict(metrics)
 
@@ -72,7 +75,7 @@ class ClassificationTask(IResTask):
             self._metrics[name](logits.detach(), y)
             self.log(f"{stage}/acc_top{self.top_k}", self._metrics[name], on_step=on_step, on_epoch=True)
         if stage == "train":
-            self.log("train/loss", loss, prog_bar=True)
+            self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=True)
         else:
             self._metrics[f"{stage}_loss"].update(loss.detach(), weight=len(y))
             self.log(f"{stage}/loss", self._metrics[f"{stage}_loss"])
@@ -83,7 +86,7 @@ class ClassificationTask(IResTask):
         if loss is not None and self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
             diag = self.block_diagnostics()
             if "lipschitz_max" in diag:
-                self.log("train/lipschitz_max", diag["lipschitz_max"])
+                self.log("train/lipschitz_max", float(diag["lipschitz_max"]), sync_dist=True)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:

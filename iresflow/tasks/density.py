@@ -101,15 +101,16 @@ class DensityTask(IResTask):
         loss = bpd if bpd is not None else nll
         if not self.check_loss(loss, batch_idx):
             return None
-        self.log("train/loss", loss, prog_bar=False)
-        self.log("train/nll", nll, prog_bar=not self.report_bpd)
+        # sync_dist: under DDP the logged value is the mean over the ranks (the global batch)
+        self.log("train/loss", loss.detach(), prog_bar=False, sync_dist=True)
+        self.log("train/nll", nll.detach(), prog_bar=not self.report_bpd, sync_dist=True)
         if bpd is not None:
-            self.log("train/bpd", bpd, prog_bar=True)
+            self.log("train/bpd", bpd.detach(), prog_bar=True, sync_dist=True)
         if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
             diag = self.block_diagnostics()
             for key in ("estimator_terms", "lipschitz_max"):
                 if key in diag:
-                    self.log(f"train/{key}", diag[key])
+                    self.log(f"train/{key}", float(diag[key]), sync_dist=True)
         return loss
 
     # ------------------------------------------------------------------ evaluation
@@ -201,10 +202,11 @@ class DensityTask(IResTask):
             self.make_pictures(tag=f"step{self.global_step:07d}", folder=self.output_dir / "pictures")
 
     def on_fit_end(self) -> None:
+        # Every rank converges its vectors (so they stay identical across ranks); only rank 0 draws.
+        self.update_lipschitz(self.lipschitz_eval_iterations)
         if self.trainer.is_global_zero:
             was_training = self.training
             self.eval()
-            self.update_lipschitz(self.lipschitz_eval_iterations)
             try:
                 self.make_pictures(tag="final", folder=self.output_dir)
             finally:
@@ -256,8 +258,29 @@ class DensityTask(IResTask):
         return paths
 
     def _log_prob_batched(self, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-        out = [self.log_prob(x[i:i + chunk].to(self.device)).detach().cpu() for i in range(0, len(x), chunk)]
+        with self._exact_log_det_if_small():
+            out = [self.log_prob(x[i:i + chunk].to(self.device)).detach().cpu() for i in range(0, len(x), chunk)]
         return torch.cat(out)
+
+    @contextlib.contextmanager
+    def _exact_log_det_if_small(self, max_dims: int = 16):
+        """The density picture of small vectors uses the exact log-det. The heat map is
+        ``exp(log p)``: with one Hutchinson probe per grid point, the stochastic
+        estimate's noise turns into a few bright speckles instead of the density."""
+        from iresflow.nn.logdet import ExactLogDet
+
+        blocks = [b for b in self.blocks() if hasattr(b, "estimator")]
+        if self.data_kind != "vector" or math.prod(self.dims) > max_dims or not blocks:
+            yield
+            return
+        saved = [b.estimator for b in blocks]
+        for b in blocks:
+            b.estimator = ExactLogDet().to(self.device).eval()
+        try:
+            yield
+        finally:
+            for b, est in zip(blocks, saved):
+                b.estimator = est
 
     def _reference_points(self, datamodule, n: int) -> torch.Tensor | None:
         """Points of the data: the toy sampler if there is one, else validation batches."""
