@@ -36,6 +36,7 @@ off-by-one there would change the cost by a whole term).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
@@ -209,6 +210,37 @@ def strip_spectral_norm(module: nn.Module) -> nn.Module:
         else:
             strip_spectral_norm(child)
     return module
+
+
+# --------------------------------------------------------------------------- ablations
+@contextlib.contextmanager
+def without_dense_jacobian():
+    """iresflow without its small-dimension path (the per-sample Jacobian from D
+    forward-mode passes, for inputs of D <= min(n, 8) dimensions): every series term
+    is then a vector-Jacobian product through the network."""
+    from iresflow.nn import logdet
+
+    old = logdet._DENSE_JACOBIAN_MAX_DIM
+    logdet._DENSE_JACOBIAN_MAX_DIM = 0
+    try:
+        yield
+    finally:
+        logdet._DENSE_JACOBIAN_MAX_DIM = old
+
+
+@contextlib.contextmanager
+def generic_autograd_path():
+    """iresflow with its structured fast paths off: residual functions look opaque,
+    so the estimators use autograd (vjps of g(x), double backward for the Neumann
+    gradient), as for any user-defined g."""
+    from iresflow.nn.residual import ResidualFunction
+
+    old = ResidualFunction.linear_chain
+    ResidualFunction.linear_chain = lambda self: None
+    try:
+        yield
+    finally:
+        ResidualFunction.linear_chain = old
 
 
 def iresflow_terms(flow: IresflowChain) -> float | None:

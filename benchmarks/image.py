@@ -16,7 +16,7 @@ Targets: speed-up >= 1.5 and peak memory iresflow / normflows <= 1.
 from __future__ import annotations
 
 from benchmarks.common import Context, target
-from benchmarks.flows import FlowSettings
+from benchmarks.flows import FlowSettings, generic_autograd_path
 from benchmarks.training import compare_steps
 
 TITLE = "Image flow training step (1x28x28, conv blocks)"
@@ -34,7 +34,8 @@ def settings(ctx: Context) -> FlowSettings:
 def run(ctx: Context) -> dict:
     s = settings(ctx)
     pairs, warmup = (3, 1) if ctx.quick else ((20, 3) if ctx.cuda else (10, 2))
-    res = compare_steps(ctx, s, pairs=pairs, warmup=warmup, tag="image", memory=True)
+    res = compare_steps(ctx, s, pairs=pairs, warmup=warmup, tag="image", memory=True,
+                        variants={"generic_autograd_path": generic_autograd_path})
     res["targets"] = [
         target("image step speed-up vs normflows", res["speedup_median"], ">=", 1.5, unit="x",
                description="median over interleaved pairs of t_normflows / t_iresflow"),
@@ -47,6 +48,8 @@ def run(ctx: Context) -> dict:
          "ratio_meaning": "speed-up"},
         {"metric": "speed-up if iresflow n_exact_terms=2 literally (info)",
          "ratio": res.get("speedup_nominal_median"), "ratio_meaning": "speed-up, 1 term fewer"},
+        {"metric": "speed-up with the structured fast paths off: autograd (info)",
+         "ratio": res["variants"]["generic_autograd_path"]["speedup_median"], "ratio_meaning": "speed-up"},
         {"metric": "throughput (images/s)", "iresflow": res["throughput_samples_per_s"]["iresflow"],
          "normflows": res["throughput_samples_per_s"]["normflows"]},
         {"metric": "mean series terms / block", "iresflow": res["mean_series_terms"]["iresflow"],

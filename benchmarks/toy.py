@@ -12,7 +12,7 @@ Target: speed-up >= 2.
 from __future__ import annotations
 
 from benchmarks.common import Context, target
-from benchmarks.flows import FlowSettings
+from benchmarks.flows import FlowSettings, generic_autograd_path, without_dense_jacobian
 from benchmarks.training import compare_steps
 
 TITLE = "Toy flow training step (2D, 16 MLP blocks)"
@@ -28,7 +28,9 @@ def settings(ctx: Context) -> FlowSettings:
 def run(ctx: Context) -> dict:
     s = settings(ctx)
     pairs, warmup = (3, 1) if ctx.quick else ((40, 3) if ctx.cuda else (20, 3))
-    res = compare_steps(ctx, s, pairs=pairs, warmup=warmup, tag="toy", memory=True)
+    res = compare_steps(ctx, s, pairs=pairs, warmup=warmup, tag="toy", memory=True,
+                        variants={"without_dense_jacobian": without_dense_jacobian,
+                                  "generic_autograd_path": generic_autograd_path})
     res["targets"] = [target("toy step speed-up vs normflows", res["speedup_median"], ">=", 2.0,
                              unit="x", description="median over interleaved pairs of t_normflows / t_iresflow")]
     res["table"] = [
@@ -37,6 +39,10 @@ def run(ctx: Context) -> dict:
          "ratio_meaning": "speed-up"},
         {"metric": "speed-up if iresflow n_exact_terms=2 literally (info)",
          "ratio": res.get("speedup_nominal_median"), "ratio_meaning": "speed-up, 1 term fewer"},
+        {"metric": "speed-up without the small-dimension Jacobian path (info)",
+         "ratio": res["variants"]["without_dense_jacobian"]["speedup_median"], "ratio_meaning": "speed-up"},
+        {"metric": "speed-up with the structured fast paths off: autograd (info)",
+         "ratio": res["variants"]["generic_autograd_path"]["speedup_median"], "ratio_meaning": "speed-up"},
         {"metric": "throughput (samples/s)", "iresflow": res["throughput_samples_per_s"]["iresflow"],
          "normflows": res["throughput_samples_per_s"]["normflows"]},
         {"metric": "mean series terms / block", "iresflow": res["mean_series_terms"]["iresflow"],

@@ -36,8 +36,13 @@ def profile_side(ctx: Context, side: Side, steps: int, tag: str, row_limit: int 
 
 
 def compare_steps(ctx: Context, s: FlowSettings, *, pairs: int, warmup: int, tag: str,
-                  memory: bool = True) -> dict:
-    """Interleaved iresflow / normflows training steps at identical settings."""
+                  memory: bool = True, variants: dict | None = None) -> dict:
+    """Interleaved iresflow / normflows training steps at identical settings.
+
+    ``variants``: ``{name: context-manager factory}``: more iresflow sides (same
+    settings) whose every step runs inside that context -- ablations of a fast
+    path, timed in the same interleaved rounds and reported as information.
+    """
     torch.manual_seed(ctx.seed)
     x = batch_for(s, ctx.device, ctx.seed)
     ires = iresflow_side(s, ctx.device, x)
@@ -52,6 +57,12 @@ def compare_steps(ctx: Context, s: FlowSettings, *, pairs: int, warmup: int, tag
         torch.manual_seed(ctx.seed)
         nominal = iresflow_side(s.with_(ires_n_exact_terms=s.n_exact_terms), ctx.device, x)
         fns["iresflow_nominal"] = nominal.logged_step
+    extra = {}
+    for name, context in (variants or {}).items():
+        torch.manual_seed(ctx.seed)
+        side = iresflow_side(s, ctx.device, x)
+        extra[name] = side
+        fns[name] = _within(context, side.logged_step)
 
     times = interleaved(fns, ctx.device, pairs=pairs, warmup=warmup)
     speedups = pair_ratios(times["normflows"], times["iresflow"])
@@ -70,6 +81,13 @@ def compare_steps(ctx: Context, s: FlowSettings, *, pairs: int, warmup: int, tag
         out["speedup_nominal_per_pair"] = sp
         out["speedup_nominal_median"] = median(sp)
         out["mean_series_terms"]["iresflow_nominal"] = _mean(nominal.term_log)
+    if extra:
+        out["variants"] = {}
+        for name, side in extra.items():
+            sp = pair_ratios(times["normflows"], times[name])
+            out["variants"][name] = {"speedup_per_pair": sp, "speedup_median": median(sp),
+                                     "mean_series_terms": _mean(side.term_log)}
+            ctx.log(f"{tag}: variant {name}: speed-up x{median(sp):.2f}")
     ctx.log(f"{tag}: iresflow {out['time']['iresflow']['median_s']*1e3:.1f} ms, "
             f"normflows {out['time']['normflows']['median_s']*1e3:.1f} ms, "
             f"speed-up x{out['speedup_median']:.2f} (nominal x{out.get('speedup_nominal_median', float('nan')):.2f}); "
@@ -88,6 +106,13 @@ def compare_steps(ctx: Context, s: FlowSettings, *, pairs: int, warmup: int, tag
     if ctx.profile:
         out["profile"] = {side.name: profile_side(ctx, side, 3, tag) for side in (ires, ref)}
     return jsonable(out)
+
+
+def _within(context, step):
+    def run():
+        with context():
+            return step()
+    return run
 
 
 def _mean(xs):

@@ -33,8 +33,7 @@ def test_normflows_term_distribution_matched():
         assert abs((n_normflows >= k + j).mean() - 0.5 ** j) < 0.01
 
 
-@pytest.mark.slow
-def test_quick_run_writes_results(tmp_path):
+def test_quick_run_writes_results(tmp_path):  # about 5 s on one core
     out = tmp_path / "res"
     rc = bench_run.main(["--quick", "--device", "cpu", "--threads", "1", "--out", str(out), "--quiet"])
     data = json.loads((out / "results.json").read_text())
@@ -62,5 +61,10 @@ def test_quick_run_writes_results(tmp_path):
     terms = toy["mean_series_terms"]
     assert terms["iresflow"] and terms["normflows"]
     assert {"iresflow", "normflows"} <= set(toy["time"])
+    # the ablations of the fast paths are timed in the same rounds
+    assert set(toy["variants"]) == {"without_dense_jacobian", "generic_autograd_path"}
+    assert all(v["speedup_median"] > 0 for v in toy["variants"].values())
+    assert data["benchmarks"]["image"]["peak_memory_ratio"] > 0
+    assert "jacobian_spectrum" in data["benchmarks"]["inverse"]
     assert (out / "results.md").read_text().startswith("# iresflow benchmarks")
     assert data["summary"]["targets_total"] == len(data["targets"]) >= 7

@@ -24,14 +24,131 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 __all__ = ["LipschitzLinear", "LipschitzConv2d", "LIPSCHITZ_LAYERS", "update_lipschitz"]
 
 _EPS = 1e-12
 
 
+# Matrices with a side at most this long run fixed-count power iterations through
+# their Gram matrix (see _SpectralNorm._iterate_gram).
+_GRAM_MAX_DIM = 16
+
+
+# ----------------------------------------------------------------------------- conv by matmul
+# oneDNN's convolutions are slow for thin channel counts (a 3x3 conv from or to ONE
+# channel runs at a few GFLOPS, its transpose slower still). A stride-1 'same' conv with
+# few input channels is a matmul of its unfolded input; with few output channels a
+# matmul followed by a fold (the adjoint of unfold, with the kernel taps reversed); a
+# 1x1 conv is a matmul. These compute the same maps (and the transposes and weight
+# gradients) several times faster; everything else goes to torch's convolutions.
+_THIN_CONV_MAX = 36  # channels x k x k up to this unfold cheaply
+
+
+def _conv_kind(m: nn.Conv2d) -> str:
+    if m.stride != (1, 1) or m.dilation != (1, 1) or m.groups != 1 or isinstance(m.padding, str):
+        return "generic"
+    (kh, kw), (ph, pw) = m.kernel_size, m.padding
+    if (kh, kw) == (1, 1) and (ph, pw) == (0, 0):
+        return "pointwise"
+    if kh % 2 == 1 and kw % 2 == 1 and (ph, pw) == (kh // 2, kw // 2):
+        if m.in_channels * kh * kw <= _THIN_CONV_MAX:
+            return "few_in"
+        if m.out_channels * kh * kw <= _THIN_CONV_MAX:
+            return "few_out"
+    return "generic"
+
+
+def _left(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``w @ x[b]`` for every b (``w`` 2-D, ``x`` 3-D) as one batched product (torch.matmul
+    would transpose ``x`` into one big matrix and back: two copies of it)."""
+    return torch.bmm(w.expand(x.shape[0], *w.shape), x)
+
+
+def _flip_taps(z: torch.Tensor, channels: int, taps: int) -> torch.Tensor:
+    """Reverse the kernel-tap order within each channel block of ``[B, channels * taps, L]``."""
+    return z.view(z.shape[0], channels, taps, -1).flip(2).view(z.shape[0], channels * taps, -1)
+
+
+def _conv_forward(kind: str, m: nn.Conv2d, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
+    """``conv2d(x, w, b)`` with ``m``'s geometry."""
+    if kind == "generic":
+        return F.conv2d(x, w, b, m.stride, m.padding, m.dilation)
+    bsz, c, h, wd = x.shape
+    o = w.shape[0]
+    if kind == "pointwise":
+        y = _left(w.view(o, c), x.reshape(bsz, c, h * wd))
+    elif kind == "few_in":
+        y = _left(w.reshape(o, -1), F.unfold(x, m.kernel_size, padding=m.padding))
+    else:  # few_out: mix channels per tap, then shift-and-add the taps (a fold)
+        taps = m.kernel_size[0] * m.kernel_size[1]
+        z = _left(w.permute(0, 2, 3, 1).reshape(o * taps, c), x.reshape(bsz, c, h * wd))
+        y = F.fold(_flip_taps(z, o, taps), (h, wd), m.kernel_size, padding=m.padding)
+    y = y.view(bsz, o, h, wd)
+    if b is not None:
+        y = y + b.view(1, o, 1, 1)
+    return y
+
+
+def _conv_input_grad(kind: str, m: nn.Conv2d, g: torch.Tensor, w: torch.Tensor, size, output_padding=(0, 0)):
+    """``conv_transpose2d(g, w)``: the adjoint map (input gradient) at input size ``size``."""
+    if kind == "generic":
+        return F.conv_transpose2d(g, w, None, m.stride, m.padding, output_padding, 1, m.dilation)
+    bsz, o, h, wd = g.shape
+    c = w.shape[1]
+    if kind == "pointwise":
+        return _left(w.view(o, c).t(), g.reshape(bsz, o, h * wd)).view(bsz, c, h, wd)
+    if kind == "few_in":
+        z = _left(w.reshape(o, -1).t(), g.reshape(bsz, o, h * wd))
+        return F.fold(z, (h, wd), m.kernel_size, padding=m.padding)
+    taps = m.kernel_size[0] * m.kernel_size[1]
+    cols = _flip_taps(F.unfold(g, m.kernel_size, padding=m.padding), o, taps)
+    return _left(w.permute(1, 0, 2, 3).reshape(c, o * taps), cols).view(bsz, c, h, wd)
+
+
+def _conv_weight_grad(kind: str, m: nn.Conv2d, g: torch.Tensor, x: torch.Tensor, w: torch.Tensor):
+    """``sum_b`` of the gradient of ``<g, conv2d(x, w)>`` w.r.t. ``w``."""
+    if kind in ("generic", "few_in"):  # (oneDNN's weight gradient is fast with few inputs)
+        return torch.ops.aten.convolution_backward(g, x, w, None, m.stride, m.padding, m.dilation, False,
+                                                   [0, 0], 1, [False, True, False])[1]
+    bsz, o, h, wd = g.shape
+    c = x.shape[1]
+    if kind == "pointwise":
+        return torch.bmm(g.reshape(bsz, o, h * wd), x.reshape(bsz, c, h * wd).transpose(1, 2)).sum(0).view_as(w)
+    taps = m.kernel_size[0] * m.kernel_size[1]
+    cols = _flip_taps(F.unfold(g, m.kernel_size, padding=m.padding), o, taps)
+    gw = torch.bmm(x.reshape(bsz, c, h * wd), cols.transpose(1, 2)).sum(0)  # [C, O * taps]
+    return gw.view(c, o, *m.kernel_size).permute(1, 0, 2, 3).contiguous()
+
+
+def _functorch_active() -> bool:
+    check = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(check()) if check is not None else False
+
+
 def _normalize(t: torch.Tensor) -> torch.Tensor:
     return t / t.norm().clamp_min(_EPS)
+
+
+def _normalized_power(g: torch.Tensor, k: int) -> torch.Tensor | None:
+    """``g^k`` up to a positive factor (None for ``k = 0``) for a symmetric PSD ``g``, by
+    repeated squaring. ``g`` is first scaled to spectral radius <= 1; for large ``k`` the
+    factors are renormalised at every step, so no entry over- or underflows."""
+    result = None
+    renorm = k > 32
+    base = g / torch.linalg.matrix_norm(g).clamp_min(_EPS)
+    while k:
+        if k & 1:
+            result = base if result is None else result @ base
+            if renorm:
+                result = result / torch.linalg.matrix_norm(result).clamp_min(_EPS)
+        k >>= 1
+        if k:
+            base = base @ base
+            if renorm:
+                base = base / torch.linalg.matrix_norm(base).clamp_min(_EPS)
+    return result
 
 
 class _SpectralNorm:
@@ -73,28 +190,84 @@ class _SpectralNorm:
         if n_iterations is None:
             n_iterations = self.max_iterations if tol is not None else self.n_iterations
         w = self.weight.detach()
-        with torch.autocast(w.device.type, enabled=False):
-            return self._iterate(w, n_iterations, tol)
+        if torch.is_autocast_enabled(w.device.type):
+            with torch.autocast(w.device.type, enabled=False):
+                return self._iterate(w, n_iterations, tol)
+        return self._iterate(w, n_iterations, tol)
 
     def _iterate(self, w: torch.Tensor, n_iterations: int, tol: float | None) -> int:
+        if n_iterations <= 0:
+            return 0
         u, v = self.u, self.v
-        sigma = self.sigma.clone()
+        if self._is_matrix_op():
+            # A dense map (or 1x1 conv): plain matrix-vector products, fewest ops per step.
+            m = w.reshape(w.shape[0], -1)
+            mt = m.t()
+            if tol is None and min(m.shape) <= _GRAM_MAX_DIM:
+                return self._iterate_gram(m, n_iterations)
+
+            def op(x):
+                return torch.mv(m, x)
+
+            def op_t(x):
+                return torch.mv(mt, x)
+        else:
+            def op(x):
+                return self._op(x, w)
+
+            def op_t(x):
+                return self._op_t(x, w)
+        norm = torch.linalg.vector_norm
+        prev = self.sigma.item() if tol is not None else 0.0
         done = 0
         for done in range(1, n_iterations + 1):
-            v = _normalize(self._op_t(u, w))
-            wv = self._op(v, w)
-            new_sigma = wv.norm()
-            u = _normalize(wv)
+            v = op_t(u)
+            if tol is None and done < n_iterations:
+                # Only u's direction matters between iterations: v need not be normalised.
+                u = op(v)
+                u = u / norm(u).clamp_min(_EPS)
+                continue
+            v = v / norm(v).clamp_min(_EPS)
+            u = op(v)
+            sigma = norm(u)
+            u = u / sigma.clamp_min(_EPS)
             # Only a tolerance needs the value on the host (a GPU sync per iteration).
-            converged = tol is not None and abs(new_sigma.item() - sigma.item()) <= tol * max(new_sigma.item(), _EPS)
-            sigma = new_sigma
-            if converged:
-                break
+            if tol is not None:
+                new = sigma.item()
+                if abs(new - prev) <= tol * max(new, _EPS):
+                    break
+                prev = new
         # In-place copies keep the buffers shared with DDP's broadcast and state_dict.
         self.u.copy_(u)
         self.v.copy_(v)
         self.sigma.copy_(sigma)
         return done
+
+    def _iterate_gram(self, m: torch.Tensor, n_iterations: int) -> int:
+        """``n`` power iterations at once for a matrix with a small side: the iterate is
+        ``v_n ~ (W^T W)^(n-1) W^T u_0`` (and ``u_n ~ W v_n``), and the small Gram
+        matrix's power costs a few tiny products instead of ``2 n`` matrix-vector ones."""
+        norm = torch.linalg.vector_norm
+        if m.shape[1] <= m.shape[0]:
+            power = _normalized_power(m.t() @ m, n_iterations - 1)
+            v = torch.mv(m.t(), self.u)
+            if power is not None:
+                v = torch.mv(power, v)
+        else:
+            power = _normalized_power(m @ m.t(), n_iterations - 1)
+            y = self.u if power is None else torch.mv(power, self.u)
+            v = torch.mv(m.t(), y)
+        v = v / norm(v).clamp_min(_EPS)
+        u = torch.mv(m, v)
+        sigma = norm(u)
+        u = u / sigma.clamp_min(_EPS)
+        self.u.copy_(u)
+        self.v.copy_(v)
+        self.sigma.copy_(sigma)
+        return n_iterations
+
+    def _is_matrix_op(self) -> bool:
+        return True
 
     def spectral_norm(self) -> torch.Tensor:
         """``<u, W v>``: the current estimate of sigma(W), differentiable in W.
@@ -106,10 +279,21 @@ class _SpectralNorm:
             return self._sigma(self.weight)
 
     def normalized_weight(self) -> torch.Tensor:
-        """``W / max(1, sigma / coeff)``, the weight the forward uses."""
-        sigma = self.spectral_norm()
-        factor = torch.clamp(sigma / self.coeff, min=1.0)
-        return self.weight / factor
+        """``W / max(1, sigma / coeff)``, the weight the forward uses (differentiable in
+        ``W``, sigma's dependence on ``W`` included; in the weight's own precision)."""
+        if torch.is_autocast_enabled(self.weight.device.type):
+            with torch.autocast(self.weight.device.type, enabled=False):
+                return self._normalized_weight()
+        return self._normalized_weight()
+
+    def _normalized_weight(self) -> torch.Tensor:
+        if _functorch_active():  # (torch.func transforms: the plain ops, which they can trace)
+            return self.weight / torch.clamp(self._sigma(self.weight) / self.coeff, min=1.0)
+        return _SoftNormalize.apply(self.weight, self)
+
+    def _dsigma(self, w: torch.Tensor) -> torch.Tensor:
+        """``d<u, W v>/dW`` (the vectors held constant)."""
+        return torch.outer(self.u, self.v).view_as(w)
 
     def lipschitz_constant(self) -> float:
         """Operator norm of the normalised weight, ``min(sigma, coeff)`` by the current estimate."""
@@ -119,6 +303,65 @@ class _SpectralNorm:
     def _maybe_iterate(self) -> None:
         if self.training and self.n_iterations > 0 and torch.is_grad_enabled():
             self.power_iteration(self.n_iterations, tol=self.tol)
+
+    def weight_for(self, x: torch.Tensor) -> torch.Tensor:
+        """The weight that ``forward(x)`` applies: runs the training-time power
+        iterations, then returns :meth:`normalized_weight`. Code that applies the
+        layer's linear map itself (the log-det estimators' Jacobian products)
+        calls this once per forward instead of ``forward``."""
+        self._maybe_iterate()
+        return self.normalized_weight()
+
+
+class _SoftNormalize(torch.autograd.Function):
+    """``W / f`` with ``f = max(1, sigma / c)``, ``sigma = <u, W v>`` (``u``, ``v`` constant).
+
+    The same function autograd would differentiate from those three ops, with its
+    gradient in a few ops: ``g / f - [sigma >= c] <g, W> / (f^2 c) dsigma/dW``.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, layer):
+        ctx.layer = layer
+        sigma = layer._sigma(weight)
+        if weight.device.type == "cpu":  # host scalars: reading sigma costs no device sync
+            ratio = float(sigma) / layer.coeff
+            factor = max(ratio, 1.0)
+            # d(W / f)/dW = I / f - W (df/dW)^T / f^2, with df/dW = [sigma >= c] dsigma/dW / c.
+            ctx.scalars = (factor, (1.0 if ratio >= 1.0 else 0.0) / (factor * factor * layer.coeff))
+            ctx.save_for_backward(weight)
+            return weight / factor
+        ratio = sigma / layer.coeff
+        factor = torch.clamp(ratio, min=1.0)
+        k = (ratio >= 1.0) / (factor * factor * layer.coeff)
+        ctx.scalars = None
+        ctx.save_for_backward(weight, factor, k)
+        return weight / factor
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        layer = ctx.layer
+        matrix = isinstance(layer, LipschitzLinear) or getattr(layer, "is_matrix", False)
+        if ctx.scalars is not None:
+            (weight,) = ctx.saved_tensors
+            factor, k = ctx.scalars
+            gw = grad / factor
+            if k:
+                coef = float(torch.dot(grad.reshape(-1), weight.reshape(-1))) * k
+                if matrix:
+                    gw.view(gw.shape[0], -1).addr_(layer.u, layer.v, alpha=-coef)
+                else:
+                    gw.sub_(layer._dsigma(weight), alpha=coef)
+            return gw, None
+        weight, factor, k = ctx.saved_tensors
+        gw = grad / factor
+        coef = torch.dot(grad.reshape(-1), weight.reshape(-1)).mul_(k)
+        if matrix:
+            gw.view(gw.shape[0], -1).addr_(layer.u * coef, layer.v, alpha=-1.0)
+        else:
+            gw.sub_(layer._dsigma(weight).mul_(coef))
+        return gw, None
 
 
 class LipschitzLinear(nn.Linear, _SpectralNorm):
@@ -157,8 +400,7 @@ class LipschitzLinear(nn.Linear, _SpectralNorm):
             return float(torch.linalg.matrix_norm(self.normalized_weight(), ord=2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._maybe_iterate()
-        return F.linear(x, self.normalized_weight(), self.bias)
+        return F.linear(x, self.weight_for(x), self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, coeff={self.coeff}, n_iterations={self.n_iterations}"
@@ -183,6 +425,7 @@ class LipschitzConv2d(nn.Conv2d, _SpectralNorm):
             raise ValueError("LipschitzConv2d supports groups=1, dilation=1 and integer padding")
         self._init_spectral(coeff, n_iterations, tol, max_iterations)
         self.is_matrix = self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+        self.conv_kind = _conv_kind(self)
         self.register_buffer("sigma", torch.zeros(()))
         self.input_size: tuple[int, int] | None = None
         if self.is_matrix:
@@ -224,10 +467,13 @@ class LipschitzConv2d(nn.Conv2d, _SpectralNorm):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- the operator ----------------------------------------------------------
+    def _is_matrix_op(self) -> bool:
+        return self.is_matrix
+
     def _op(self, v, w):
         if self.is_matrix:
             return w.flatten(1) @ v
-        return F.conv2d(v, w, stride=self.stride, padding=self.padding)
+        return _conv_forward(self.conv_kind, self, v, w, None)
 
     def _op_t(self, u, w):
         if self.is_matrix:
@@ -237,12 +483,17 @@ class LipschitzConv2d(nn.Conv2d, _SpectralNorm):
         ho, wo = u.shape[-2:]
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         op = (h + 2 * ph - kh - (ho - 1) * sh, wd + 2 * pw - kw - (wo - 1) * sw)
-        return F.conv_transpose2d(u, w, stride=self.stride, padding=self.padding, output_padding=op)
+        return _conv_input_grad(self.conv_kind, self, u, w, self.input_size, op)
 
     def _sigma(self, w):
         return (self.u * self._op(self.v, w)).sum()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _dsigma(self, w):
+        if self.is_matrix:
+            return torch.outer(self.u, self.v).view_as(w)
+        return _conv_weight_grad(self.conv_kind, self, self.u, self.v, w)
+
+    def weight_for(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_matrix:
             size = tuple(x.shape[-2:])
             if self.input_size is None:
@@ -250,8 +501,10 @@ class LipschitzConv2d(nn.Conv2d, _SpectralNorm):
             elif size != self.input_size:
                 raise ValueError(f"LipschitzConv2d was normalised for inputs of size {self.input_size}, "
                                  f"got {size}: its operator norm depends on the input size")
-        self._maybe_iterate()
-        return F.conv2d(x, self.normalized_weight(), self.bias, self.stride, self.padding)
+        return super().weight_for(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight_for(x), self.bias, self.stride, self.padding)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, coeff={self.coeff}, n_iterations={self.n_iterations}, "

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from torch.nn.modules import module as _module
+
 from iresflow.nn import activations as _activations  # noqa: F401 - registers the names below
 from iresflow.nn.lipschitz import LIPSCHITZ_LAYERS, LipschitzConv2d, LipschitzLinear
 from iresflow.registry import build_node, register
@@ -31,6 +33,34 @@ class ResidualFunction(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def linear_chain(self) -> list[nn.Module] | None:
+        """The layers of ``g`` when its Jacobian is a product of per-layer factors that
+        the log-det estimators can apply directly; ``None`` otherwise.
+
+        That holds when ``g`` is the plain chain ``net`` of linear maps (``nn.Linear``,
+        ``nn.Conv2d`` with zero padding and one group; spectrally normalised or not)
+        and elementwise activations (``elementwise = True``, with
+        ``forward_and_derivative``), with no forward hooks that a direct evaluation
+        would bypass. The estimators then form ``J^T w`` from the weights and the
+        activations' derivatives instead of autograd's generic (double) backward;
+        the value and the gradients are the same.
+        """
+        if type(self).forward is not ResidualFunction.forward:
+            return None
+        if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+            return None
+        layers = list(self.net)
+        for m in (self, self.net, *layers):
+            if m._forward_hooks or m._forward_pre_hooks:
+                return None
+        # The structure only changes if ``net`` is edited: check it once per layer list.
+        key = tuple(map(id, layers))
+        cached = self.__dict__.get("_linear_chain_key")
+        if cached != key:
+            self.__dict__["_linear_chain_ok"] = all(_is_chain_layer(m) for m in layers)
+            self.__dict__["_linear_chain_key"] = key
+        return layers if self.__dict__["_linear_chain_ok"] else None
+
     def lipschitz_bound(self) -> float:
         bound = 1.0
         for m in self.net:
@@ -39,6 +69,14 @@ class ResidualFunction(nn.Module):
             else:
                 bound *= float(getattr(m, "lipschitz", 1.0))
         return bound
+
+
+def _is_chain_layer(m: nn.Module) -> bool:
+    if isinstance(m, nn.Linear):
+        return True
+    if isinstance(m, nn.Conv2d):
+        return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+    return bool(getattr(m, "elementwise", False)) and hasattr(m, "forward_and_derivative")
 
 
 def _activation(node: Any) -> nn.Module:
