@@ -259,3 +259,28 @@ def test_mlp_bound_is_attained_with_orthogonal_maps():
     assert max(norms) == pytest.approx(coeff ** 3, rel=1e-9)
     assert min(norms) == pytest.approx(coeff ** 3, rel=1e-9)
     assert g.lipschitz_bound() == pytest.approx(coeff ** 3, rel=1e-9)
+
+
+def _lazy_conv_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # the same weights on every rank ...
+        layer = LipschitzConv2d(2, 3, 3, padding=1, coeff=0.9)
+        torch.manual_seed(100 + rank)  # ... but different random streams, as under DDP
+        layer(torch.randn(2, 2, 5, 5))
+        torch.save({"u": layer.u, "v": layer.v}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_lazily_sized_conv_starts_from_the_same_vectors_on_every_rank(tmp_path):
+    """Vectors created at the first forward are not covered by DDP's buffer broadcast:
+    the layer broadcasts them itself, so all ranks hold identical u and v."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_lazy_conv_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert torch.equal(a["u"], b["u"]) and torch.equal(a["v"], b["v"])

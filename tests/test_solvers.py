@@ -172,3 +172,22 @@ def test_bad_arguments_rejected():
     with pytest.raises(ValueError):
         AndersonSolver(memory=0)
     assert math.isclose(build("solver", "anderson", memory=3).memory, 3)
+
+
+def test_anderson_survives_samples_that_converge_first():
+    """A sample already solved has a zero residual history (a degenerate Gram matrix);
+    it must neither fail nor disturb the rest of the batch."""
+    from iresflow.nn.solvers import AndersonSolver
+
+    torch.manual_seed(0)
+    mask = torch.ones(4, 3, dtype=torch.float64)
+    mask[0] = 0.0  # g = 0 on sample 0: x = y from the start
+
+    def g(x):
+        return 0.9 * torch.tanh(x[:, [1, 2, 0]]) * mask
+
+    x_true = torch.randn(4, 3, dtype=torch.float64)
+    y = x_true + g(x_true)
+    x, info = AndersonSolver(tol=1e-10, max_iter=200).solve(g, y)
+    assert info.converged
+    torch.testing.assert_close(x, x_true, atol=1e-9, rtol=0)

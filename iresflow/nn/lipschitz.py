@@ -22,6 +22,7 @@ after each optimiser step and before evaluation: the user never has to.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
@@ -454,6 +455,12 @@ class LipschitzConv2d(nn.Conv2d, _SpectralNorm):
         ho, wo = self._out_size(*self.input_size)
         self._set_vectors(torch.randn(1, self.in_channels, *self.input_size),
                           torch.randn(1, self.out_channels, ho, wo))
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Vectors created lazily (first forward) are new tensors that DDP's buffer
+            # broadcast does not know: start every rank from rank 0's; the iterations
+            # that follow are deterministic on the same weights, so the ranks stay equal.
+            for t in (self.u, self.v):
+                dist.broadcast(t, src=0)
         self.power_iteration(self.max_iterations, tol=1e-4)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

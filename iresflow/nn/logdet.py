@@ -130,9 +130,13 @@ class LogDetEstimator(nn.Module):
 
 @register("estimator", "exact")
 class ExactLogDet(LogDetEstimator):
-    """Exact ``log|det(I + J_g)|`` from the full per-sample Jacobian (small inputs only)."""
+    """Exact ``log|det(I + J_g)|`` from the full per-sample Jacobian (small inputs only).
 
-    gradient_modes = ("backprop",)
+    There is no series, so every gradient mode means the same thing: the exact
+    gradient of ``slogdet`` by backprop. All modes are accepted, so that an
+    ablation can switch ``model.estimator.name=exact`` without touching ``gradient``.
+    """
+
     max_numel = 4096
 
     def __init__(self, gradient: str = "backprop"):

@@ -131,9 +131,12 @@ class AndersonSolver(_Solver):
 
     def _solve(self, f, y, x):
         shape, batch = y.shape, y.shape[0]
-        m = self.memory
         y_flat = y.reshape(batch, -1)
         dim = y_flat.shape[1]
+        # More than dim + 1 residuals in dim dimensions are linearly dependent: the
+        # least-squares weights become ill-determined and the steps worse (measured on
+        # trained 2D flows at c = 0.9: memory 3 -> 71 evaluations, 5 -> 100, 8 -> 137).
+        m = min(self.memory, dim + 1)
         # History ring buffers (per sample): iterates and their residuals.
         xs = y_flat.new_zeros(batch, m, dim)
         fs = y_flat.new_zeros(batch, m, dim)
@@ -159,7 +162,10 @@ class AndersonSolver(_Solver):
             scale = (r * r).sum(1).clamp_min(torch.finfo(r.dtype).tiny)
             H = H + (self.lam * scale)[:, None, None] * torch.eye(n, dtype=H.dtype, device=H.device)
             ones = H.new_ones(batch, n, 1)
-            z = torch.linalg.solve(H, ones)
+            # solve_ex: a sample that has already converged has a zero (singular) Gram
+            # matrix; it must not fail the batch. Such samples get non-finite weights
+            # and take the plain step below.
+            z, _ = torch.linalg.solve_ex(H, ones)
             alpha = z / z.sum(1, keepdim=True)  # [B, n, 1], sums to 1
             x_new = (alpha * (xs[:, :n] + self.beta * F)).sum(1)
             # A singular/ill-conditioned system can produce non-finite weights for some
