@@ -240,8 +240,10 @@ def test_estimators_have_no_parameters_and_build_from_registry():
     assert est.distribution == "poisson" and est.gradient == "memory_efficient"
     with pytest.raises(ValueError, match="gradient"):
         PowerSeriesLogDet(gradient="nope")
-    with pytest.raises(ValueError):
-        ExactLogDet(gradient="neumann")
+    with pytest.raises(ValueError, match="gradient"):
+        ExactLogDet(gradient="nope")
+    # No series: every mode is the exact backprop gradient, so a config switch to exact works.
+    assert ExactLogDet(gradient="neumann").gradient == "neumann"
 
 
 # --------------------------------------------------------------------------- gradient modes
