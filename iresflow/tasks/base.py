@@ -2,12 +2,13 @@
 
 The user never calls anything by hand: the normalised layers run their own
 ``n_iterations`` power iterations at every training forward (the model's
-``n_iterations``), so the stored singular vectors track the weights step by
-step; ``lipschitz_iterations`` adds that many more after every optimiser step
-(default 0: the forward's iterations already follow each weight change, and
-running both would double the count asked for); before validation, testing and
-sampling ``lipschitz_eval_iterations`` more converge the vectors (evaluation
-mode uses the stored vectors without iterating).
+``n_iterations``), and the task adds ``lipschitz_iterations`` more after every
+optimiser step, so the stored singular vectors keep up with the weights. One
+of each is the default: with the forward's iteration alone the estimate lagged
+behind Adam at lr 3e-3 (the toy default's certified bound reached 0.98 for
+c = 0.97; with both it stays at 0.93, c^3 = 0.913 plus the lag). Before
+validation, testing and sampling ``lipschitz_eval_iterations`` more converge
+the vectors (evaluation mode uses the stored vectors without iterating).
 
 Data parallel (DDP) rules the tasks keep: every rank runs the same power
 iterations at the same points (never only rank 0), so the ``u``/``v`` buffers
@@ -122,8 +123,8 @@ class IResTask(LightningModule):
       optimizer, lr, weight_decay, momentum, nesterov, betas: the optimiser.
       scheduler ("none", "multistep", "cosine"), milestones (epochs), gamma,
       warmup_steps / warmup_epochs: the per-step learning-rate schedule.
-      lipschitz_iterations: extra power iterations after each optimiser step
-        (0, the default: only the layers' own iterations in the training forward).
+      lipschitz_iterations: power iterations after each optimiser step, on top of
+        the layers' own iterations in the training forward (0: those alone).
       lipschitz_eval_iterations: before validation / test / sampling.
       on_nonfinite: "raise" (stop, naming the step and the last good checkpoint)
       or "skip" (drop the batch, count it in ``train/skipped_batches``).
@@ -137,7 +138,7 @@ class IResTask(LightningModule):
                  weight_decay: float = 0.0, momentum: float = 0.9, nesterov: bool = False,
                  betas: Sequence[float] = (0.9, 0.999), scheduler: str = "none",
                  milestones: Sequence[int] = (), gamma: float = 0.1, warmup_steps: int = 0,
-                 warmup_epochs: int = 0, lipschitz_iterations: int = 0,
+                 warmup_epochs: int = 0, lipschitz_iterations: int = 1,
                  lipschitz_eval_iterations: int = 10, on_nonfinite: str = "raise"):
         super().__init__()
         if optimizer not in OPTIMIZERS:
