@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from benchmarks.common import Context, target
 from benchmarks.flows import FlowSettings, generic_autograd_path
-from benchmarks.training import compare_steps
+from benchmarks.training import compare_steps, step_rows
 
 TITLE = "Image flow training step (1x28x28, conv blocks)"
 
@@ -42,21 +42,8 @@ def run(ctx: Context) -> dict:
         target("image peak memory iresflow / normflows", res["peak_memory_ratio"], "<=", 1.0, unit="x",
                description="allocator high-water mark of one training step above the live set"),
     ]
-    res["table"] = [
-        {"metric": "step time (ms)", "iresflow": res["time"]["iresflow"]["median_s"] * 1e3,
-         "normflows": res["time"]["normflows"]["median_s"] * 1e3, "ratio": res["speedup_median"],
-         "ratio_meaning": "speed-up"},
-        {"metric": "speed-up if iresflow n_exact_terms=2 literally (info)",
-         "ratio": res.get("speedup_nominal_median"), "ratio_meaning": "speed-up, 1 term fewer"},
-        {"metric": "speed-up with the structured fast paths off: autograd (info)",
-         "ratio": res["variants"]["generic_autograd_path"]["speedup_median"], "ratio_meaning": "speed-up"},
-        {"metric": "throughput (images/s)", "iresflow": res["throughput_samples_per_s"]["iresflow"],
-         "normflows": res["throughput_samples_per_s"]["normflows"]},
-        {"metric": "mean series terms / block", "iresflow": res["mean_series_terms"]["iresflow"],
-         "normflows": res["mean_series_terms"]["normflows"]},
-        {"metric": "peak memory (MiB)", "iresflow": res["peak_memory_bytes"]["iresflow"] / 2**20,
-         "normflows": res["peak_memory_bytes"]["normflows"] / 2**20, "ratio": res["peak_memory_ratio"],
-         "ratio_meaning": "iresflow / normflows"},
+    res["table"] = step_rows(res, "images", {
+        "generic_autograd_path": "with the structured fast paths off: autograd"}) + [
         {"metric": "saved for backward (MiB)",
          "iresflow": res["saved_for_backward_bytes"]["iresflow"] / 2**20,
          "normflows": res["saved_for_backward_bytes"]["normflows"] / 2**20},

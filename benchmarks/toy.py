@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from benchmarks.common import Context, target
 from benchmarks.flows import FlowSettings, generic_autograd_path, without_dense_jacobian
-from benchmarks.training import compare_steps
+from benchmarks.training import compare_steps, step_rows
 
 TITLE = "Toy flow training step (2D, 16 MLP blocks)"
 
@@ -33,22 +33,7 @@ def run(ctx: Context) -> dict:
                                   "generic_autograd_path": generic_autograd_path})
     res["targets"] = [target("toy step speed-up vs normflows", res["speedup_median"], ">=", 2.0,
                              unit="x", description="median over interleaved pairs of t_normflows / t_iresflow")]
-    res["table"] = [
-        {"metric": "step time (ms)", "iresflow": res["time"]["iresflow"]["median_s"] * 1e3,
-         "normflows": res["time"]["normflows"]["median_s"] * 1e3, "ratio": res["speedup_median"],
-         "ratio_meaning": "speed-up"},
-        {"metric": "speed-up if iresflow n_exact_terms=2 literally (info)",
-         "ratio": res.get("speedup_nominal_median"), "ratio_meaning": "speed-up, 1 term fewer"},
-        {"metric": "speed-up without the small-dimension Jacobian path (info)",
-         "ratio": res["variants"]["without_dense_jacobian"]["speedup_median"], "ratio_meaning": "speed-up"},
-        {"metric": "speed-up with the structured fast paths off: autograd (info)",
-         "ratio": res["variants"]["generic_autograd_path"]["speedup_median"], "ratio_meaning": "speed-up"},
-        {"metric": "throughput (samples/s)", "iresflow": res["throughput_samples_per_s"]["iresflow"],
-         "normflows": res["throughput_samples_per_s"]["normflows"]},
-        {"metric": "mean series terms / block", "iresflow": res["mean_series_terms"]["iresflow"],
-         "normflows": res["mean_series_terms"]["normflows"]},
-        {"metric": "peak memory (MiB)", "iresflow": res["peak_memory_bytes"]["iresflow"] / 2**20,
-         "normflows": res["peak_memory_bytes"]["normflows"] / 2**20, "ratio": res["peak_memory_ratio"],
-         "ratio_meaning": "iresflow / normflows"},
-    ]
+    res["table"] = step_rows(res, "samples", {
+        "without_dense_jacobian": "without the small-dimension Jacobian path",
+        "generic_autograd_path": "with the structured fast paths off: autograd"})
     return res

@@ -117,3 +117,27 @@ def _within(context, step):
 
 def _mean(xs):
     return sum(xs) / len(xs) if xs else None
+
+
+def step_rows(res: dict, unit: str, variants: dict[str, str]) -> list[dict]:
+    """The table rows every training-step benchmark reports (``unit``: samples or images;
+    ``variants``: variant name -> row label for the information rows)."""
+    rows = [
+        {"metric": "step time (ms)", "iresflow": res["time"]["iresflow"]["median_s"] * 1e3,
+         "normflows": res["time"]["normflows"]["median_s"] * 1e3, "ratio": res["speedup_median"],
+         "ratio_meaning": "speed-up"},
+        {"metric": "speed-up if iresflow n_exact_terms=2 literally (info)",
+         "ratio": res.get("speedup_nominal_median"), "ratio_meaning": "speed-up, 1 term fewer"},
+    ]
+    rows += [{"metric": f"speed-up {label} (info)", "ratio": res["variants"][name]["speedup_median"],
+              "ratio_meaning": "speed-up"} for name, label in variants.items()]
+    rows += [
+        {"metric": f"throughput ({unit}/s)", "iresflow": res["throughput_samples_per_s"]["iresflow"],
+         "normflows": res["throughput_samples_per_s"]["normflows"]},
+        {"metric": "mean series terms / block", "iresflow": res["mean_series_terms"]["iresflow"],
+         "normflows": res["mean_series_terms"]["normflows"]},
+        {"metric": "peak memory (MiB)", "iresflow": res["peak_memory_bytes"]["iresflow"] / 2**20,
+         "normflows": res["peak_memory_bytes"]["normflows"] / 2**20, "ratio": res["peak_memory_ratio"],
+         "ratio_meaning": "iresflow / normflows"},
+    ]
+    return rows

@@ -6,39 +6,15 @@ exact spectral norm), independent of iresflow.nn.residual.
 
 import pytest
 import torch
-from torch import nn
 
 from iresflow.nn.block import InvertibleResidualBlock
 from iresflow.nn.logdet import ExactLogDet, PowerSeriesLogDet, RussianRouletteLogDet
 from iresflow.nn.solvers import AndersonSolver, FixedPointSolver, SolveInfo
 
+from helpers import ContractiveMLP
+
 torch.set_num_threads(1)
 DT = torch.float64
-
-
-class ContractiveMLP(nn.Module):
-    """``W2 tanh(W1 x)`` with spectral norms 1 and c; counts calls; records its mode per call."""
-
-    def __init__(self, dim, hidden, c, dtype=DT, seed=0):
-        super().__init__()
-        gen = torch.Generator().manual_seed(seed)
-        self.l1 = nn.Linear(dim, hidden, dtype=dtype)
-        self.l2 = nn.Linear(hidden, dim, dtype=dtype)
-        with torch.no_grad():
-            for lin, scale in ((self.l1, 1.0), (self.l2, c)):
-                w = torch.randn(lin.weight.shape, generator=gen, dtype=dtype)
-                lin.weight.copy_(scale * w / torch.linalg.matrix_norm(w, ord=2))
-        self.c = c
-        self.calls = 0
-        self.modes = []
-
-    def forward(self, x):
-        self.calls += 1
-        self.modes.append(self.training)
-        return self.l2(torch.tanh(self.l1(x)))
-
-    def lipschitz_bound(self):
-        return self.c
 
 
 def jacobian_logdet(f, x):

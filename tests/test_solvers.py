@@ -15,25 +15,9 @@ from iresflow.nn.solvers import (AndersonSolver, ConvergenceError, FixedPointSol
                                  residual)
 from iresflow.registry import build
 
+from helpers import ContractiveMLP
+
 torch.set_num_threads(1)
-
-
-class ContractiveMLP(nn.Module):
-    """``g(x) = W2 tanh(W1 x + b1) + b2`` with ``||W1|| = 1``, ``||W2|| = c``: Lip(g) <= c."""
-
-    def __init__(self, dim, hidden, c, dtype=torch.float32, seed=0):
-        super().__init__()
-        gen = torch.Generator().manual_seed(seed)
-        self.l1 = nn.Linear(dim, hidden, dtype=dtype)
-        self.l2 = nn.Linear(hidden, dim, dtype=dtype)
-        with torch.no_grad():
-            for lin, scale in ((self.l1, 1.0), (self.l2, c)):
-                w = torch.randn(lin.weight.shape, generator=gen, dtype=dtype)
-                lin.weight.copy_(scale * w / torch.linalg.matrix_norm(w, ord=2))
-                lin.bias.copy_(0.1 * torch.randn(lin.bias.shape, generator=gen, dtype=dtype))
-
-    def forward(self, x):
-        return self.l2(torch.tanh(self.l1(x)))
 
 
 class SymmetricContraction(nn.Module):
@@ -74,7 +58,7 @@ def test_residual_is_worst_sample_rms():
 @pytest.mark.parametrize("solver_name", ["fixed_point", "anderson"])
 @pytest.mark.parametrize("c", [0.5, 0.9])
 def test_inverse_reconstructs_float32(solver_name, c):
-    g = ContractiveMLP(8, 32, c)
+    g = ContractiveMLP(8, 32, c, dtype=torch.float32)
     x = torch.randn(64, 8)
     y = x + g(x)
     solver = build("solver", solver_name, tol=1e-6)

@@ -445,21 +445,7 @@ def test_sweep_through_iresflow_train_with_a_stub_model(tmp_path):
     assert paths["png"].is_file()
 
 
-def _real_train_works() -> bool:
-    try:
-        from iresflow.config import load_config
-
-        load_config(["experiment=toy2d_density"])
-        from iresflow import registry
-
-        registry.discover([])
-        return "iresnet_flow" in registry.available("model")
-    except Exception:
-        return False
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _real_train_works(), reason="iresflow train is not complete yet")
 def test_real_toy_sweep_three_runs(tmp_path):
     out = tmp_path / "coeff_toy"
     spec = sweep.apply_overrides(load_spec(SWEEPS / "coeff_density.yaml"), [

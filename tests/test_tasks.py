@@ -1,5 +1,5 @@
-"""The Lightning tasks: units (bits/dim, schedule, optimisers), training mechanics with small
-stand-in models (exact 2D log-det, fixed-point inverse), non-finite losses, Lipschitz upkeep."""
+"""The Lightning tasks: units (bits/dim, schedule, optimisers), training mechanics with tiny
+real models (exact 2D log-det, fixed-point inverse), non-finite losses, Lipschitz upkeep."""
 
 import math
 
@@ -9,67 +9,23 @@ import torch
 from torch import nn
 
 from iresflow.data import FakeDataModule, Toy2DDataModule
+from iresflow.models import IResNetClassifier, ResidualFlow
+from iresflow.nn.lipschitz import LipschitzLinear
 from iresflow.tasks import ClassificationTask, DensityTask, LRSchedule, NonFiniteLossError, bits_per_dim
 from iresflow.tasks.base import build_optimizer
 
 
-class _Block(nn.Module):
-    """x + g(x) with Lip(g) <= 0.9 by exact spectral normalisation (dimension 2 only)."""
-
-    def __init__(self, d: int = 2, h: int = 16):
-        super().__init__()
-        self.l1, self.l2 = nn.Linear(d, h), nn.Linear(h, d)
-        self.last_solve_info = None
-
-    @staticmethod
-    def _w(layer):
-        return layer.weight / torch.clamp(torch.linalg.matrix_norm(layer.weight, ord=2) / 0.9, min=1.0)
-
-    def g(self, x):
-        return nn.functional.linear(torch.tanh(nn.functional.linear(x, self._w(self.l1), self.l1.bias)),
-                                    self._w(self.l2), self.l2.bias)
-
-    def forward(self, x):
-        return x + self.g(x)
-
-    def forward_and_logdet(self, x):
-        jac = torch.func.vmap(torch.func.jacrev(lambda v: self.g(v[None])[0]))(x) + torch.eye(x.shape[1])
-        return self(x), torch.linalg.slogdet(jac)[1]
-
-    def inverse(self, y):
-        x = y.clone()
-        for _ in range(100):
-            x = y - self.g(x)
-        return x
-
-
-class StubFlow(nn.Module):
-    """A tiny exact flow with the model interface the density task uses."""
+class StubFlow(ResidualFlow):
+    """A tiny real flow (2 blocks, exact 2D log-det, no ActNorm); ``nan`` poisons ``log_prob``."""
 
     def __init__(self, n_blocks: int = 2, nan: bool = False):
-        super().__init__()
-        self.blocks = nn.ModuleList(_Block() for _ in range(n_blocks))
+        super().__init__(in_shape=(2,), n_blocks=n_blocks, hidden=[16], coeff=0.9, actnorm=False,
+                         estimator="exact")
         self.nan = nan
 
-    def forward_and_logdet(self, x):
-        logdet = x.new_zeros(len(x))
-        for b in self.blocks:
-            x, ld = b.forward_and_logdet(x)
-            logdet = logdet + ld
-        return x, logdet
-
     def log_prob(self, x):
-        z, logdet = self.forward_and_logdet(x)
-        logp = -0.5 * z.pow(2).sum(1) - z.shape[1] * 0.5 * math.log(2 * math.pi) + logdet
+        logp = super().log_prob(x)
         return logp * float("nan") if self.nan else logp
-
-    def inverse(self, z):
-        for b in reversed(self.blocks):
-            z = b.inverse(z)
-        return z
-
-    def sample(self, n, temperature=1.0):
-        return self.inverse(temperature * torch.randn(n, 2))
 
 
 def _trainer(tmp_path, steps=4, **kw):
@@ -182,9 +138,8 @@ def test_lipschitz_upkeep_runs_after_every_optimizer_step(tmp_path, monkeypatch)
 
 
 def test_lipschitz_upkeep_converges_real_layers():
-    lipschitz = pytest.importorskip("iresflow.nn.lipschitz")
     torch.manual_seed(0)
-    layer = lipschitz.LipschitzLinear(6, 6, coeff=0.9)
+    layer = LipschitzLinear(6, 6, coeff=0.9)
     task = DensityTask(nn.Sequential(layer), dims=(6,))
     for _ in range(50):
         task.update_lipschitz(1)
@@ -192,23 +147,10 @@ def test_lipschitz_upkeep_converges_real_layers():
     assert float(layer.sigma) == pytest.approx(float(true_sigma), rel=1e-3)
 
 
-class _LinearClassifier(nn.Module):
-    def __init__(self, in_shape=(1, 4, 4), num_classes=3):
-        super().__init__()
-        self.blocks = nn.ModuleList([_Block(d=16, h=8)])
-        self.head = nn.Linear(16, num_classes)
-
-    def forward(self, x):
-        h = x.flatten(1)
-        for b in self.blocks:
-            h = b(h)
-        return self.head(h)
-
-
 def test_classification_task_accuracy_and_inverse_check(tmp_path):
     dm = FakeDataModule(image_size=(1, 4, 4), num_classes=3, size=32, val_size=16, test_size=16, batch_size=8,
                         task="classification")
-    task = ClassificationTask(_LinearClassifier(), num_classes=3, top_k=2, optimizer="sgd", lr=0.05,
+    task = ClassificationTask(IResNetClassifier(in_shape=(1, 4, 4), num_classes=3, stages=[[1, 8]]), num_classes=3, top_k=2, optimizer="sgd", lr=0.05,
                               scheduler="multistep", milestones=[1], warmup_epochs=1)
     trainer = _trainer(tmp_path, steps=8, check_val_every_n_epoch=1)
     trainer.fit(task, datamodule=dm)
