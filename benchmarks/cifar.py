@@ -25,7 +25,7 @@ def build_model(ctx: Context):
 
     wanted = {"in_shape": (3, 32, 32), "coeff": 0.9, "activation": "lipswish",
               "estimator": {"name": "russian_roulette", "distribution": "geometric", "p": 0.5,
-                            "n_exact_terms": 2, "gradient": "memory_efficient"}}
+                            "n_terms": 2, "gradient": "memory_efficient"}}
     try:  # pass only what the factory accepts (its signature is the model owner's)
         params = inspect.signature(get("model", "iresnet_flow")).parameters
         kw = {k: v for k, v in wanted.items() if k in params}

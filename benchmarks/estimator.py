@@ -15,7 +15,7 @@ points x, and we report
 - cost  = mean number of vector-Jacobian products (series terms) per estimate,
 
 for the truncated series (n = 1..20 terms: bias ~ Lip^n, small variance) and
-Russian roulette (geometric p = 0.5, n_exact_terms = 0..10: unbiased, the
+Russian roulette (geometric p = 0.5, n_terms = 0..10: unbiased, the
 variance paying for it). No target: this is the curve a user reads to pick n.
 """
 
@@ -73,7 +73,7 @@ def run(ctx: Context) -> dict:
             rows["truncated"].append(_stats(exact_trace.unsqueeze(0), ld.view(draws, points), exact,
                                             cost=float(n), label=f"n={n}"))
         for k in ks:  # Russian roulette: N is drawn once per call, so one call per draw
-            est = RussianRouletteLogDet(distribution="geometric", p=0.5, n_exact_terms=k).train()
+            est = RussianRouletteLogDet(distribution="geometric", p=0.5, n_terms=k).train()
             exact_tr, lds, terms = [], [], []
             for _ in range(draws):
                 exact_tr.append(est(g, x, probes=basis)[1])

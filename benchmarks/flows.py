@@ -152,7 +152,7 @@ def iresflow_estimator_node(s: FlowSettings) -> dict:
     if s.estimator == "russian_roulette":
         k = match_normflows_terms(s.n_exact_terms) if s.ires_n_exact_terms is None else s.ires_n_exact_terms
         return {"name": "russian_roulette", "distribution": "geometric", "p": s.geom_p,
-                "n_exact_terms": k, "n_probes": 1, "probe": "gaussian",
+                "n_terms": k, "n_probes": 1, "probe": "gaussian",
                 "gradient": s.gradient}
     if s.estimator == "power_series":
         return {"name": "power_series", "n_terms": s.n_terms, "n_probes": 1, "probe": "gaussian",

@@ -67,7 +67,7 @@ def compare_steps(ctx: Context, s: FlowSettings, *, pairs: int, warmup: int, tag
     times = interleaved(fns, ctx.device, pairs=pairs, warmup=warmup)
     speedups = pair_ratios(times["normflows"], times["iresflow"])
     out = {
-        "settings": s.as_dict() | {"iresflow_n_exact_terms": iresflow_estimator_node(s).get("n_exact_terms")},
+        "settings": s.as_dict() | {"iresflow_n_exact_terms": iresflow_estimator_node(s).get("n_terms")},
         "params": {"iresflow": count_params(ires.model), "normflows": count_params(ref.model)},
         "time": {k: summarize_times(v) for k, v in times.items()},
         "throughput_samples_per_s": {k: s.batch / median(v) for k, v in times.items()},

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import sys
 import time
 import warnings
@@ -26,7 +25,8 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from iresflow.config import ConfigError, apply_overrides, load_config, normalize_component_node, to_yaml
+from iresflow import wandb_env
+from iresflow.config import ConfigError, apply_overrides, load_config, to_yaml
 
 __all__ = ["train", "evaluate", "sample", "main", "RunDirError", "resolve_output_dir", "build_components",
            "build_strategy"]
@@ -126,18 +126,6 @@ def _node(cfg_node: Any) -> dict[str, Any]:
     return OmegaConf.to_container(cfg_node, resolve=True) if isinstance(cfg_node, DictConfig) else dict(cfg_node)
 
 
-def _normalize_model_node(node: dict[str, Any]) -> dict[str, Any]:
-    """Apply component aliases (``n_terms`` of russian_roulette) anywhere in the model node."""
-    out = {}
-    for key, value in node.items():
-        if key in ("estimator", "eval_estimator") and isinstance(value, dict):
-            value = normalize_component_node("estimator", value)
-        elif isinstance(value, dict):
-            value = _normalize_model_node(value)
-        out[key] = value
-    return out
-
-
 def build_components(cfg: DictConfig, check_data: str | None = None):
     """Datamodule, model and task from a config (plugins discovered first).
 
@@ -160,7 +148,7 @@ def build_components(cfg: DictConfig, check_data: str | None = None):
         model_defaults: dict[str, Any] = {"in_shape": dims}
         if num_classes:
             model_defaults["num_classes"] = num_classes
-        model = registry.build_node("model", _normalize_model_node(_node(cfg.model)), **model_defaults)
+        model = registry.build_node("model", _node(cfg.model), **model_defaults)
 
         task_node = _node(cfg.task)
         entry = registry.get("task", task_node["name"])
@@ -175,8 +163,6 @@ def build_components(cfg: DictConfig, check_data: str | None = None):
                     raise registry.RegistryError(
                         f"task {task_node['name']!r} has no parameter {key!r}{hint}. "
                         f"Accepted: {', '.join(a for a in accepted if a != 'model')}.")
-        if isinstance(task_node.get("eval_estimator"), dict):
-            task_node["eval_estimator"] = normalize_component_node("estimator", task_node["eval_estimator"])
         defaults = {"model": model, "dims": dims, "data_kind": data_kind,
                     "n_bits": getattr(dm, "n_bits", None), "num_classes": num_classes}
         name = task_node.pop("name")
@@ -186,43 +172,6 @@ def build_components(cfg: DictConfig, check_data: str | None = None):
     except registry.RegistryError as err:
         raise ConfigError(str(err)) from err
     return dm, model, task
-
-
-def _api_key_available() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    try:
-        return netrc.is_file() and "api.wandb.ai" in netrc.read_text()
-    except OSError:
-        return False
-
-
-def _reachable(url: str, timeout: float = 2.0) -> bool:
-    from urllib.parse import urlparse
-
-    parsed = urlparse(url)
-    host = parsed.hostname or "api.wandb.ai"
-    port = parsed.port or (443 if parsed.scheme != "http" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def wandb_mode(requested: str = "auto") -> str:
-    """``online`` only with a key and a reachable server; never a long hang at start."""
-    if requested not in ("auto", "online", "offline", "disabled"):
-        raise ConfigError(f"logger.mode must be auto, online, offline or disabled, not {requested!r}")
-    if requested != "auto":
-        return requested
-    env = os.environ.get("WANDB_MODE")
-    if env in ("online", "offline", "disabled", "dryrun", "run"):
-        return {"dryrun": "offline", "run": "online"}.get(env, env)
-    if _api_key_available() and _reachable(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")):
-        return "online"
-    return "offline"
 
 
 def build_logger(cfg: DictConfig, out: Path, resuming: bool):
@@ -238,7 +187,10 @@ def build_logger(cfg: DictConfig, out: Path, resuming: bool):
         raise ConfigError(f"unknown logger {kind!r}; choose wandb, csv or none")
     from lightning.pytorch.loggers import WandbLogger
 
-    mode = wandb_mode(node.pop("mode", "auto"))
+    try:
+        mode = wandb_env.resolve_mode(node.pop("mode", "auto"))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     id_file = out / WANDB_ID_FILE
     if resuming and id_file.is_file():
         run_id = id_file.read_text().strip()

@@ -19,10 +19,9 @@ with ``1e-3`` read as a number. Setting the ``name`` of a component node
 ``model.estimator=power_series``) switches the component and keeps only the
 node's parameters that the new component accepts.
 
-Key aliases: ``n_terms`` / ``eval_n_terms`` of the ``russian_roulette``
-estimator are its ``n_exact_terms`` / ``eval_n_exact_terms``, so
-``model.estimator.n_terms=N`` means "N terms computed exactly" for both the
-truncated power series and the Russian-roulette estimator.
+``n_terms`` means the same to every series estimator: the number of terms
+computed exactly (the whole truncated series for ``power_series``; the terms
+before the random tail for ``russian_roulette``).
 """
 
 from __future__ import annotations
@@ -43,18 +42,12 @@ __all__ = [
     "apply_overrides",
     "parse_value",
     "group_options",
-    "normalize_component_node",
     "to_yaml",
 ]
 
 #: groups in the order they are composed; ``experiment`` is applied last
 GROUPS = ("data", "model", "task", "trainer", "logger", "experiment")
 CONFIG_DIR_ENV = "IRESFLOW_CONFIG_DIR"
-
-#: parameter aliases per (kind, component name): user key -> component parameter
-ALIASES: dict[tuple[str, str], dict[str, str]] = {
-    ("estimator", "russian_roulette"): {"n_terms": "n_exact_terms", "eval_n_terms": "eval_n_exact_terms"},
-}
 
 # config paths whose node is a registered component of a kind (beyond <kind> itself as the last key)
 _TOP_LEVEL_KINDS = {"data": "data", "model": "model", "task": "task"}
@@ -224,9 +217,7 @@ def _accepted_params(kind: str, name: str, plugins: Sequence[str]) -> set[str] |
         return None
     if any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
         return None
-    accepted = set(sig.parameters) - {"self"}
-    accepted |= set(ALIASES.get((kind, name), {}))
-    return accepted
+    return set(sig.parameters) - {"self"}
 
 
 def _switch_component(cfg: DictConfig, path: str, new_name: str) -> None:
@@ -389,19 +380,6 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"config node {key!r} needs a 'name' key")
     if cfg.get("ckpt_path") not in (None, "last") and not isinstance(cfg.get("ckpt_path"), str):
         raise ConfigError(f"ckpt_path must be null, 'last' or a path, not {cfg.ckpt_path!r}")
-
-
-def normalize_component_node(kind: str, node: Any) -> Any:
-    """Map user-facing aliases of a component node to the component's own parameter names."""
-    if not isinstance(node, (dict, DictConfig)) or "name" not in node:
-        return node
-    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    for alias, real in ALIASES.get((kind, data["name"]), {}).items():
-        if alias in data:
-            if real in data and data[real] != data[alias]:
-                raise ConfigError(f"{kind} {data['name']!r}: both {alias!r} and {real!r} are set")
-            data[real] = data.pop(alias)
-    return data
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -44,7 +44,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -58,6 +57,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
+
+from iresflow import wandb_env
 
 __all__ = [
     "SweepError", "Run", "load_spec", "validate_spec", "apply_overrides", "expand", "format_args",
@@ -847,33 +848,6 @@ def plot_summary(runs: list[Run], spec: dict[str, Any], path: str | os.PathLike[
 
 # --------------------------------------------------------------------------- W&B server
 
-def _wandb_host() -> tuple[str, int]:
-    from urllib.parse import urlparse
-
-    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
-    return url.hostname or "api.wandb.ai", url.port or (80 if url.scheme == "http" else 443)
-
-
-def wandb_api_key_available() -> bool:
-    """A key in WANDB_API_KEY or a netrc entry for the W&B host (what `wandb login` writes)."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host, _ = _wandb_host()
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    try:
-        return netrc.is_file() and host in netrc.read_text()
-    except OSError:
-        return False
-
-
-def _reachable(host: str, port: int, timeout: float = 3.0) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def run_wandb(spec: dict[str, Any], *, count: int | None = None, parallel: int = 1,
               gpus: Sequence[str] | None = None, project: str | None = None, entity: str | None = None,
               register_timeout: float = 60.0, sweep_id: str | None = None) -> int:
@@ -883,12 +857,12 @@ def run_wandb(spec: dict[str, Any], *, count: int | None = None, parallel: int =
     ``wandb sweep``): only the agents start, so every allocation of a cluster job can
     join the same sweep.
     """
-    if not wandb_api_key_available():
+    if not wandb_env.api_key_available():
         raise SweepError("--wandb needs a W&B API key: set WANDB_API_KEY or run `wandb login` "
                          "(no key in the environment or in ~/.netrc). Without --wandb the sweep runs "
                          "locally and its runs still log to W&B offline, grouped by the sweep name.")
-    host, port = _wandb_host()
-    if not _reachable(host, port):
+    host, port = wandb_env.server()
+    if not wandb_env.server_reachable(timeout=3.0):
         raise SweepError(f"--wandb: the W&B server {host}:{port} cannot be reached (no network?). "
                          "Run the sweep locally without --wandb, and `wandb sync` the offline runs later.")
     project = project or spec.get("project") or "iresflow"

@@ -78,9 +78,9 @@ def test_components_from_objects_names_and_nodes():
     assert isinstance(named.estimator, PowerSeriesLogDet)
     node = InvertibleResidualBlock(
         g, solver={"name": "anderson", "memory": 3, "tol": 1e-8},
-        estimator={"name": "russian_roulette", "gradient": "memory_efficient", "n_exact_terms": 3})
+        estimator={"name": "russian_roulette", "gradient": "memory_efficient", "n_terms": 3})
     assert node.solver.memory == 3 and node.solver.tol == 1e-8
-    assert node.estimator.gradient == "memory_efficient" and node.estimator.n_exact_terms == 3
+    assert node.estimator.gradient == "memory_efficient" and node.estimator.n_terms == 3
     est = ExactLogDet()
     assert InvertibleResidualBlock(g, estimator=est).estimator is est
     assert InvertibleResidualBlock(g).lipschitz_bound() == pytest.approx(0.9)

@@ -5,7 +5,7 @@ from omegaconf import OmegaConf
 
 from iresflow import registry
 from iresflow.config import (ConfigError, GROUPS, apply_overrides, config_dir, group_options, load_config,
-                             normalize_component_node, parse_value)
+                             parse_value)
 
 EXPERIMENTS = ["toy2d_density", "mnist_density", "cifar10_density", "mnist_classify", "cifar10_classify",
                "cifar100_classify"]
@@ -100,12 +100,19 @@ def test_switching_a_component_keeps_only_what_it_accepts(scratch_estimator):
         load_config(["model.estimator.name=rusian_roulette"])
 
 
-def test_n_terms_alias_for_russian_roulette():
-    node = normalize_component_node("estimator", {"name": "russian_roulette", "n_terms": 3, "eval_n_terms": 9})
-    assert node == {"name": "russian_roulette", "n_exact_terms": 3, "eval_n_exact_terms": 9}
-    assert normalize_component_node("estimator", {"name": "power_series", "n_terms": 3})["n_terms"] == 3
-    with pytest.raises(ConfigError):
-        normalize_component_node("estimator", {"name": "russian_roulette", "n_terms": 3, "n_exact_terms": 4})
+def test_n_terms_means_the_exact_terms_for_every_series_estimator():
+    """One key, one meaning: switching the estimator keeps ``n_terms`` and both build with it."""
+    from iresflow import registry
+
+    for name in ("power_series", "russian_roulette"):
+        cfg = load_config(["model.estimator.n_terms=7", f"model.estimator.name={name}"])
+        node = dict(cfg.model.estimator)
+        assert node["n_terms"] == 7
+        est = registry.build_node("estimator", node).train()
+        n, weights = est._plan()
+        assert n >= 7 and weights[1:8] == [1.0] * 7  # the first 7 terms are exact, unweighted
+        if name == "power_series":
+            assert n == 7
 
 
 def test_apply_overrides_on_a_stored_config():

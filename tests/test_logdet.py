@@ -180,7 +180,7 @@ def test_roulette_expectation_over_n_is_exact(distribution, monkeypatch):
     g = ContractiveMLP(4, 16, 0.9)
     x = torch.randn(3, 4, dtype=DT)
     ref = brute_logdet(g, x)
-    est = RussianRouletteLogDet(distribution=distribution, p=0.5, lam=2.0, n_exact_terms=2)
+    est = RussianRouletteLogDet(distribution=distribution, p=0.5, lam=2.0, n_terms=2)
     probes = basis_probes(x)
     mean = torch.zeros(3, dtype=DT)
     for n in range(60):
@@ -200,7 +200,7 @@ def test_roulette_unbiased_monte_carlo(distribution):
     ref = brute_logdet(g, x0).item()
     # N is shared by a batch, so the independent draws are the calls; within a call a
     # batch of identical samples averages 64 Rademacher probes.
-    est = RussianRouletteLogDet(distribution=distribution, p=0.5, lam=1.0, n_exact_terms=1,
+    est = RussianRouletteLogDet(distribution=distribution, p=0.5, lam=1.0, n_terms=1,
                                 probe="rademacher")
     x = x0.expand(64, 4)
     with torch.no_grad():
@@ -220,7 +220,7 @@ def test_roulette_unbiased_monte_carlo(distribution):
 def test_roulette_eval_mode_uses_more_exact_terms(monkeypatch):
     g = ContractiveMLP(4, 16, 0.9)
     x = torch.randn(3, 4, dtype=DT)
-    est = RussianRouletteLogDet(n_exact_terms=1, eval_n_exact_terms=25)
+    est = RussianRouletteLogDet(n_terms=1, eval_n_terms=25)
     monkeypatch.setattr(est, "sample_n", lambda: 3)
     est(g, x)
     assert est.last_n_terms == 1 + 3
@@ -293,7 +293,7 @@ def test_roulette_neumann_gradient_expectation_is_exact(mode, monkeypatch):
     x = torch.randn(3, 4, dtype=DT)
     probes = basis_probes(x)
     _, exact = grads(ExactLogDet(), g, x)
-    est = RussianRouletteLogDet(p=0.5, n_exact_terms=2, gradient=mode)
+    est = RussianRouletteLogDet(p=0.5, n_terms=2, gradient=mode)
     total = [torch.zeros_like(t) for t in exact]
     for n in range(60):
         pmf = est.tail_prob(n) - est.tail_prob(n + 1)

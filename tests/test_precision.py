@@ -161,7 +161,7 @@ def test_structured_roulette_and_frozen_parameters_match_autograd():
     for p in list(g.parameters())[:2]:
         p.requires_grad_(False)
     probes = torch.randn(1, *x.shape, dtype=x.dtype)
-    est = RussianRouletteLogDet(n_exact_terms=2, gradient="memory_efficient")
+    est = RussianRouletteLogDet(n_terms=2, gradient="memory_efficient")
     w = torch.ones(x.shape[0], dtype=x.dtype)
     torch.manual_seed(3)
     fast = _grads(est, g, x, probes, w)

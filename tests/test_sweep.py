@@ -328,8 +328,10 @@ def test_wandb_sweep_id_joins_without_registering(fake, monkeypatch, capsys):
     """One `wandb agent` per allocation: --sweep-id starts agents for an existing sweep."""
     make, tmp = fake
     path = make({"x": {"values": [0.1]}})
-    monkeypatch.setattr(sweep, "wandb_api_key_available", lambda: True)
-    monkeypatch.setattr(sweep, "_reachable", lambda host, port, timeout=3.0: True)
+    from iresflow import wandb_env
+
+    monkeypatch.setattr(wandb_env, "api_key_available", lambda: True)
+    monkeypatch.setattr(wandb_env, "server_reachable", lambda timeout=2.0: True)
     import wandb
 
     monkeypatch.setattr(wandb, "sweep", lambda *a, **k: pytest.fail("registered the sweep again"))

@@ -10,7 +10,7 @@ evaluation ``g(x)``. Estimators differ in how many terms they keep:
 
 * ``exact``: the full per-sample Jacobian and ``slogdet`` (small inputs only);
 * ``power_series``: the first ``n_terms`` terms (biased, error ~ Lip^n / n);
-* ``russian_roulette``: ``n_exact_terms + N`` terms, ``N`` random, term ``k``
+* ``russian_roulette``: ``n_terms + N`` terms, ``N`` random, term ``k``
   divided by the probability that it is included, so the estimate is unbiased.
 
 Gradient modes (the ``gradient`` constructor argument):
@@ -827,18 +827,18 @@ class PowerSeriesLogDet(_SeriesLogDet):
 
 @register("estimator", "russian_roulette")
 class RussianRouletteLogDet(_SeriesLogDet):
-    """Unbiased Russian-roulette series: ``n_exact_terms + N`` terms, ``N`` random.
+    """Unbiased Russian-roulette series: ``n_terms + N`` terms, ``N`` random.
 
     ``N`` counts from 0: geometric with ``P(N >= j) = (1-p)^j``, or Poisson(``lam``).
-    Term ``k > n_exact_terms`` is included iff ``N >= k - n_exact_terms`` and then
+    Term ``k > n_terms`` is included iff ``N >= k - n_terms`` and then
     divided by that probability, so its expectation is the plain term. In eval
-    mode ``eval_n_exact_terms`` terms are exact (more accurate, still unbiased).
+    mode ``eval_n_terms`` terms are exact (more accurate, still unbiased).
     The sampling parameters are plain floats, never trainable parameters.
     """
 
     def __init__(self, distribution: str = "geometric", p: float = 0.5, lam: float = 2.0,
-                 n_exact_terms: int = 2, n_probes: int = 1, probe: str = "gaussian",
-                 gradient: str = "neumann", eval_n_exact_terms: int = 20):
+                 n_terms: int = 2, n_probes: int = 1, probe: str = "gaussian",
+                 gradient: str = "neumann", eval_n_terms: int = 20):
         super().__init__(n_probes, probe, gradient)
         if distribution not in ("geometric", "poisson"):
             raise ValueError(f"unknown distribution {distribution!r}; expected 'geometric' or 'poisson'")
@@ -846,13 +846,13 @@ class RussianRouletteLogDet(_SeriesLogDet):
             raise ValueError(f"geometric p must lie in (0, 1), got {p}")
         if distribution == "poisson" and lam <= 0:
             raise ValueError(f"poisson lam must be positive, got {lam}")
-        if n_exact_terms < 0 or eval_n_exact_terms < 0:
-            raise ValueError("n_exact_terms and eval_n_exact_terms must be >= 0")
+        if n_terms < 0 or eval_n_terms < 0:
+            raise ValueError("n_terms and eval_n_terms must be >= 0")
         self.distribution = distribution
         self.p = float(p)
         self.lam = float(lam)
-        self.n_exact_terms = int(n_exact_terms)
-        self.eval_n_exact_terms = int(eval_n_exact_terms)
+        self.n_terms = int(n_terms)
+        self.eval_n_terms = int(eval_n_terms)
 
     def sample_n(self) -> int:
         """One draw of ``N`` (from torch's CPU generator, so ``torch.manual_seed`` fixes it)."""
@@ -879,13 +879,13 @@ class RussianRouletteLogDet(_SeriesLogDet):
             i += 1
 
     def _plan(self):
-        n_exact = self.n_exact_terms if self.training else self.eval_n_exact_terms
+        n_exact = self.n_terms if self.training else self.eval_n_terms
         n = n_exact + self.sample_n()
         weights = [1.0 / self.tail_prob(k - n_exact) for k in range(n + 1)]
         return n, weights
 
     def extra_repr(self) -> str:
         dist = f"p={self.p}" if self.distribution == "geometric" else f"lam={self.lam}"
-        return (f"distribution={self.distribution!r}, {dist}, n_exact_terms={self.n_exact_terms}, "
-                f"eval_n_exact_terms={self.eval_n_exact_terms}, n_probes={self.n_probes}, "
+        return (f"distribution={self.distribution!r}, {dist}, n_terms={self.n_terms}, "
+                f"eval_n_terms={self.eval_n_terms}, n_probes={self.n_probes}, "
                 f"probe={self.probe!r}, gradient={self.gradient!r}")

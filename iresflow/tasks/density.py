@@ -153,13 +153,12 @@ class DensityTask(IResTask):
 
     # ------------------------------------------------------------------ test-time estimator
     def _swap_estimators(self, node: Any) -> None:
-        from iresflow.config import normalize_component_node
         from iresflow.registry import build_node
 
         blocks = [b for b in self.blocks() if hasattr(b, "estimator")]
         self._saved_estimators = [b.estimator for b in blocks]
         for b in blocks:
-            est = build_node("estimator", normalize_component_node("estimator", node))
+            est = build_node("estimator", node)
             if isinstance(est, nn.Module):
                 est = est.to(self.device)
                 est.eval()
