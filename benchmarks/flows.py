@@ -162,13 +162,14 @@ def iresflow_estimator_node(s: FlowSettings) -> dict:
 
 def iresflow_residual(s: FlowSettings) -> nn.Module:
     from iresflow.nn.residual import ConvResidual, MLPResidual
+    from iresflow.registry import factory
 
     if s.kind == "toy":
-        return MLPResidual(s.dim, hidden=tuple(s.hidden), activation=s.activation, coeff=s.coeff,
+        return MLPResidual(s.dim, hidden=tuple(s.hidden), activation=factory("activation", s.activation), coeff=s.coeff,
                            n_iterations=s.n_power_iterations, preact=True)
     c, h, w = s.in_shape
     return ConvResidual(c, input_size=(h, w), hidden_channels=int(s.hidden),
-                        kernel_sizes=tuple(s.kernel_sizes), activation=s.activation, coeff=s.coeff,
+                        kernel_sizes=tuple(s.kernel_sizes), activation=factory("activation", s.activation), coeff=s.coeff,
                         n_iterations=s.n_power_iterations, preact=True)
 
 
@@ -176,11 +177,13 @@ def build_iresflow(s: FlowSettings, device) -> IresflowChain:
     import iresflow.nn  # noqa: F401 - registers the built-ins
     from iresflow.nn.block import InvertibleResidualBlock
     from iresflow.nn.layers import ActNorm
+    from iresflow.nn.solvers import FixedPointSolver
+    from iresflow.registry import factory
 
     layers: list[nn.Module] = []
     for _ in range(s.n_blocks):
-        layers.append(InvertibleResidualBlock(iresflow_residual(s), solver="fixed_point",
-                                              estimator=iresflow_estimator_node(s)))
+        layers.append(InvertibleResidualBlock(iresflow_residual(s), solver=FixedPointSolver(),
+                                              estimator=factory("estimator", iresflow_estimator_node(s))))
         if s.actnorm:
             layers.append(ActNorm(s.shape[0]))
     return IresflowChain(layers).to(device).train()

@@ -46,9 +46,10 @@ def make_g(c: float, dim: int, device, seed: int = 0, n_maps: int = 3, activatio
     """
     from iresflow.nn.lipschitz import LIPSCHITZ_LAYERS, update_lipschitz
     from iresflow.nn.residual import MLPResidual
+    from iresflow.registry import factory
 
     torch.manual_seed(seed)
-    g = MLPResidual(dim, hidden=(dim,) * (n_maps - 1), activation=activation,
+    g = MLPResidual(dim, hidden=(dim,) * (n_maps - 1), activation=factory("activation", activation),
                     coeff=c ** (1.0 / n_maps), n_iterations=1, preact=False)
     with torch.no_grad():
         for m in g.modules():
@@ -112,9 +113,10 @@ def trained_flow(c: float, device, seed: int, steps: int):
     """
     from iresflow.data.toy2d import sample_toy2d
     from iresflow.models import ResidualFlow
+    from iresflow.nn.logdet import ExactLogDet
 
     torch.manual_seed(seed)
-    flow = ResidualFlow(in_shape=(2,), n_blocks=10, hidden=[64, 64], coeff=c, estimator="exact").to(device)
+    flow = ResidualFlow(in_shape=(2,), n_blocks=10, hidden=[64, 64], coeff=c, estimator=ExactLogDet()).to(device)
     opt = torch.optim.Adam(flow.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):

@@ -51,7 +51,6 @@ CONFIG_DIR_ENV = "IRESFLOW_CONFIG_DIR"
 
 # config paths whose node is a registered component of a kind (beyond <kind> itself as the last key)
 _TOP_LEVEL_KINDS = {"data": "data", "model": "model", "task": "task"}
-_NESTED_KINDS = {"estimator", "solver", "activation", "residual"}
 
 
 class ConfigError(ValueError):
@@ -196,8 +195,9 @@ def _kind_of(path: str) -> str | None:
     """Which registry kind the node at ``path`` is (``model.estimator`` -> estimator)."""
     if path in _TOP_LEVEL_KINDS:
         return _TOP_LEVEL_KINDS[path]
-    last = path.rsplit(".", 1)[-1]
-    return last if last in _NESTED_KINDS else None
+    from iresflow.registry import kind_of_parameter  # (the registry module imports no torch)
+
+    return kind_of_parameter(path.rsplit(".", 1)[-1])
 
 
 def _accepted_params(kind: str, name: str, plugins: Sequence[str]) -> set[str] | None:

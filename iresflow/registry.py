@@ -9,6 +9,12 @@ Discovery (see :func:`discover`): the built-ins register themselves on import,
 third-party packages through the entry-point group ``iresflow.plugins``, and
 every ``*.py`` in the plugin folders (the repository's ``registry/``, the
 ``IRESFLOW_PLUGINS`` path list, and folders passed explicitly).
+
+Names are resolved here and nowhere else. When a component is built, each of its
+parameters that is named after a part kind (:data:`PART_KINDS`: ``estimator``,
+``solver``, ``activation``, ...), or ends in ``_<kind>`` (``eval_estimator``), and
+holds a node or a name becomes a :class:`Factory`: the component builds as many
+fresh instances as it needs (one estimator per block) without looking anything up.
 """
 
 from __future__ import annotations
@@ -35,10 +41,18 @@ __all__ = [
     "describe",
     "build",
     "build_node",
+    "factory",
+    "Factory",
+    "PART_KINDS",
+    "kind_of_parameter",
+    "instance",
     "discover",
 ]
 
 ENTRY_POINT_GROUP = "iresflow.plugins"
+#: kinds whose components are parts of other components (a plugin may add its own kind here);
+#: ``model``, ``task`` and ``data`` are built by the run layer, never as parameters
+PART_KINDS = {"activation", "residual", "normalization", "solver", "estimator", "trace", "block", "optimizer"}
 PLUGIN_PATH_ENV = "IRESFLOW_PLUGINS"
 # The repository's own plugin folder (``<repo>/registry``), used when it exists.
 DEFAULT_PLUGIN_DIR = Path(__file__).resolve().parent.parent / "registry"
@@ -167,7 +181,7 @@ def build(kind: str, name: str, /, **params: Any) -> Any:
                     + _close_hint(key, accepted)
                     + f". Accepted: {', '.join(accepted) or '(none)'}."
                 )
-    return entry.obj(**params)
+    return entry.obj(**_nested_factories(params))
 
 
 def _close_hint(word: str, choices: Iterable[str]) -> str:
@@ -197,6 +211,94 @@ def build_node(kind: str, node: Any, /, **defaults: Any) -> Any:
     merged = {k: v for k, v in defaults.items() if takes_any or k in sig.parameters}
     merged.update(params)
     return build(kind, name, **merged)
+
+
+@dataclass(frozen=True)
+class Factory:
+    """A component node, checked and ready to build: every call builds a fresh instance.
+
+    ``defaults`` given to the call fill parameters the node does not set (as in
+    :func:`build_node`).
+    """
+
+    kind: str
+    name: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+    def __call__(self, **defaults: Any) -> Any:
+        return build_node(self.kind, self.node(), **defaults)
+
+    def node(self) -> dict[str, Any]:
+        """The node this factory builds, ``{name: ..., **params}``."""
+        return {"name": self.name, **dict(self.params)}
+
+    def __repr__(self) -> str:
+        params = "".join(f", {k}={v!r}" for k, v in self.params)
+        return f"{self.kind}:{self.name}({params.lstrip(', ')})"
+
+
+def factory(kind: str, node: Any, /) -> Factory:
+    """A :class:`Factory` for a name or ``{name: ..., **params}`` node of ``kind``.
+
+    The name and the parameter names are checked now, so a mistake is reported
+    when the config is built, not when the first instance is needed.
+    """
+    if isinstance(node, Factory):
+        return node
+    if isinstance(node, str):
+        name, params = node, {}
+    elif isinstance(node, Mapping) or _is_dictconfig(node):
+        params = dict(_to_container(node))
+        if "name" not in params:
+            raise RegistryError(f"a {kind} node needs a 'name' key, got keys {sorted(params)}")
+        name = params.pop("name")
+    else:
+        raise RegistryError(f"a {kind} must be a registered name or a {{name: ..., ...}} node, got {node!r}")
+    entry = get(kind, name)
+    sig = _signature(entry.obj)
+    if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+        accepted = [p for p in sig.parameters if p != "self"]
+        for key in params:
+            if key not in accepted:
+                raise RegistryError(f"{kind} {name!r} has no parameter {key!r}" + _close_hint(key, accepted)
+                                    + f". Accepted: {', '.join(accepted) or '(none)'}.")
+    return Factory(kind, name, tuple(params.items()))
+
+
+def instance(spec: Any, /) -> Any:
+    """A fresh component from what a constructor was given: a :class:`Factory` is
+    called, a built object is copied (so that, e.g., every block gets its own
+    estimator). Names are not looked up here: they are resolved by :func:`build`."""
+    import copy
+
+    if isinstance(spec, Factory):
+        return spec()
+    if isinstance(spec, (str, Mapping)) or _is_dictconfig(spec):
+        raise TypeError(f"got the node {spec!r} where a built component or a Factory is expected: build "
+                        "through iresflow.registry.build(...) (which resolves nodes), or pass "
+                        "registry.factory(kind, node)")
+    return copy.deepcopy(spec)
+
+
+def kind_of_parameter(param: str) -> str | None:
+    """The part kind a parameter named ``param`` takes: its own name or its ``_<kind>`` suffix."""
+    for kind in sorted(PART_KINDS, key=len, reverse=True):
+        if param == kind or param.endswith("_" + kind):
+            return kind
+    return None
+
+
+def _nested_factories(params: dict[str, Any]) -> dict[str, Any]:
+    """Component parameters given as names or nodes become :class:`Factory` objects."""
+    out = {}
+    for key, value in params.items():
+        kind = kind_of_parameter(key)
+        if kind is not None and kind in _REGISTRY and (isinstance(value, (str, Mapping)) or _is_dictconfig(value)):
+            is_node = not isinstance(value, str) and "name" in _to_container(value)
+            if isinstance(value, str) or is_node:
+                value = factory(kind, value)
+        out[key] = value
+    return out
 
 
 def _is_dictconfig(node: Any) -> bool:

@@ -10,6 +10,7 @@ import torch
 from iresflow.nn.block import InvertibleResidualBlock
 from iresflow.nn.logdet import ExactLogDet, PowerSeriesLogDet, RussianRouletteLogDet
 from iresflow.nn.solvers import AndersonSolver, FixedPointSolver, SolveInfo
+from iresflow.registry import factory
 
 from helpers import ContractiveMLP
 
@@ -24,7 +25,7 @@ def jacobian_logdet(f, x):
 
 def test_forward_and_exact_logdet_match_bruteforce():
     g = ContractiveMLP(3, 8, 0.9)
-    block = InvertibleResidualBlock(g, estimator="exact")
+    block = InvertibleResidualBlock(g, estimator=ExactLogDet())
     x = torch.randn(4, 3, dtype=DT)
     y, logdet = block.forward_and_logdet(x)
     assert torch.allclose(y, x + g(x)) and torch.allclose(block(x), y)
@@ -35,7 +36,8 @@ def test_forward_and_exact_logdet_match_bruteforce():
 @pytest.mark.parametrize("solver", ["fixed_point", "anderson"])
 @pytest.mark.parametrize("c", [0.5, 0.9])
 def test_inverse_round_trip_float32(solver, c):
-    block = InvertibleResidualBlock(ContractiveMLP(6, 24, c, dtype=torch.float32), solver=solver)
+    block = InvertibleResidualBlock(ContractiveMLP(6, 24, c, dtype=torch.float32),
+                                    solver=factory("solver", solver))
     x = torch.randn(32, 6)
     y = block(x)
     x_rec = block.inverse(y)
@@ -62,23 +64,24 @@ def test_inverse_runs_without_grad_and_in_eval_mode():
 def test_g_evaluated_once_per_forward_and_logdet():
     g = ContractiveMLP(3, 8, 0.9)
     for est in ("exact", "power_series", "russian_roulette"):
-        block = InvertibleResidualBlock(g, estimator=est)
+        block = InvertibleResidualBlock(g, estimator=factory("estimator", est))
         g.calls = 0
         y, logdet = block.forward_and_logdet(torch.randn(4, 3, dtype=DT))
         assert g.calls == 1 and logdet.shape == (4,)
 
 
-def test_components_from_objects_names_and_nodes():
+def test_components_from_objects_and_factories():
     g = ContractiveMLP(3, 8, 0.9)
     default = InvertibleResidualBlock(g)
     assert isinstance(default.solver, FixedPointSolver)
     assert isinstance(default.estimator, RussianRouletteLogDet)
-    named = InvertibleResidualBlock(g, solver="anderson", estimator="power_series")
+    named = InvertibleResidualBlock(g, solver=factory("solver", "anderson"),
+                                    estimator=factory("estimator", "power_series"))
     assert isinstance(named.solver, AndersonSolver)
     assert isinstance(named.estimator, PowerSeriesLogDet)
     node = InvertibleResidualBlock(
-        g, solver={"name": "anderson", "memory": 3, "tol": 1e-8},
-        estimator={"name": "russian_roulette", "gradient": "memory_efficient", "n_terms": 3})
+        g, solver=factory("solver", {"name": "anderson", "memory": 3, "tol": 1e-8}),
+        estimator=factory("estimator", {"name": "russian_roulette", "gradient": "memory_efficient", "n_terms": 3}))
     assert node.solver.memory == 3 and node.solver.tol == 1e-8
     assert node.estimator.gradient == "memory_efficient" and node.estimator.n_terms == 3
     est = ExactLogDet()
@@ -88,8 +91,7 @@ def test_components_from_objects_names_and_nodes():
 
 def test_train_eval_reaches_estimator_and_gradients_flow():
     g = ContractiveMLP(3, 8, 0.9)
-    block = InvertibleResidualBlock(g, estimator={"name": "russian_roulette",
-                                                  "gradient": "memory_efficient"})
+    block = InvertibleResidualBlock(g, estimator=RussianRouletteLogDet(gradient="memory_efficient"))
     block.eval()
     assert not block.estimator.training
     block.train()

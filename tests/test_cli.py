@@ -17,12 +17,13 @@ from iresflow.config import load_config
 # `plugins` config key. It takes **ignored so that the flow_fc config's other keys pass.
 STUB_PLUGIN = textwrap.dedent('''
     from iresflow.models import ResidualFlow
+    from iresflow.nn.logdet import ExactLogDet
     from iresflow.registry import register
 
     @register("model", "cli_test_stub_flow", description="test stand-in: 2 blocks, exact log-det")
     def stub(in_shape=(2,), **ignored):
         return ResidualFlow(in_shape=in_shape, n_blocks=2, hidden=[8], coeff=0.9, actnorm=False,
-                            estimator="exact")
+                            estimator=ExactLogDet())
 ''')
 
 

@@ -37,6 +37,7 @@ from iresflow.cli import build_components, build_strategy
 from iresflow.config import load_config
 from iresflow.data.toy2d import ToyStream, sample_toy2d
 from iresflow.models.flow import ResidualFlow
+from iresflow.nn.logdet import ExactLogDet
 from iresflow.tasks import DensityTask
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,7 +106,7 @@ class _FirstStep(Callback):
 
 def _task(dump: Path | None = None, tag: str = "") -> _Task:
     torch.manual_seed(0)
-    model = ResidualFlow(in_shape=(2,), n_blocks=2, hidden=[16, 16], estimator="exact", actnorm=True)
+    model = ResidualFlow(in_shape=(2,), n_blocks=2, hidden=[16, 16], estimator=ExactLogDet(), actnorm=True)
     # SGD with momentum: Adam's first steps, lr * g / (|g| + eps), turn the ~1e-16 rounding
     # differences of near-zero gradient entries into ~1e-9 (measured), which says nothing about DDP
     task = _Task(model, dims=(2,), optimizer="sgd", lr=0.05, momentum=0.9, picture_every_n_val=0,

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from iresflow import registry
-from iresflow.nn.activations import CLipSwish, LipSwish
+from iresflow.nn.activations import ELU, CLipSwish, Identity, LipSwish
 from iresflow.nn.lipschitz import LIPSCHITZ_LAYERS, LipschitzConv2d, LipschitzLinear, update_lipschitz
 from iresflow.nn.residual import ConvResidual, MLPResidual
+from iresflow.registry import factory
 
 torch.set_default_dtype(torch.float32)
 
@@ -201,7 +202,7 @@ def _jacobian_norms(g, x):
 @pytest.mark.parametrize("coeff", [0.5, 0.9])
 def test_mlp_residual_jacobian_is_below_c(activation, coeff):
     torch.manual_seed(0)
-    g = MLPResidual(3, hidden=(16, 16), activation=activation, coeff=coeff, preact=True).double()
+    g = MLPResidual(3, hidden=(16, 16), activation=factory("activation", activation), coeff=coeff, preact=True).double()
     _inflate(g)
     update_lipschitz(g, n_iterations=1000)
     norms = _jacobian_norms(g, torch.randn(8, 3, dtype=torch.float64) * 2)
@@ -215,7 +216,7 @@ def test_conv_residual_jacobian_is_below_c(activation):
     torch.manual_seed(0)
     coeff = 0.9
     g = ConvResidual(2, input_size=(5, 5), hidden_channels=6, kernel_sizes=(3, 1, 3),
-                     activation=activation, coeff=coeff).double()
+                     activation=factory("activation", activation), coeff=coeff).double()
     _inflate(g)
     update_lipschitz(g, n_iterations=1500)
     norms = _jacobian_norms(g, torch.randn(4, 2, 5, 5, dtype=torch.float64))
@@ -227,7 +228,7 @@ def test_conv_residual_jacobian_is_below_c(activation):
 def test_single_linear_g_reaches_its_bound():
     """With one map and identity activation, Lip(g) is exactly c: the bound is not loose."""
     torch.manual_seed(0)
-    g = MLPResidual(4, hidden=(), activation="identity", coeff=0.75).double()
+    g = MLPResidual(4, hidden=(), activation=Identity(), coeff=0.75).double()
     _inflate(g)
     update_lipschitz(g, n_iterations=1000)
     assert max(_jacobian_norms(g, torch.randn(3, 4, dtype=torch.float64))) == pytest.approx(0.75, rel=1e-6)
@@ -239,7 +240,7 @@ def test_residual_settings_are_validated():
     with pytest.raises(ValueError, match="odd"):
         ConvResidual(2, input_size=(4, 4), hidden_channels=4, kernel_sizes=(2, 1, 3))
     with pytest.raises(registry.RegistryError, match="Did you mean 'lipswish'"):
-        MLPResidual(2, activation="lipswhish")
+        registry.build("residual", "mlp", dim=2, activation="lipswhish")
 
 
 def test_mlp_bound_is_attained_with_orthogonal_maps():
@@ -247,7 +248,7 @@ def test_mlp_bound_is_attained_with_orthogonal_maps():
     linear region (large positive biases) J_g = c^3 * orthogonal: Lip(g) = c^3 exactly."""
     torch.manual_seed(0)
     coeff = 0.9
-    g = MLPResidual(4, hidden=(4, 4), activation="elu", coeff=coeff).double()
+    g = MLPResidual(4, hidden=(4, 4), activation=ELU(), coeff=coeff).double()
     with torch.no_grad():
         for m in g.modules():
             if isinstance(m, LIPSCHITZ_LAYERS):

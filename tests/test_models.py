@@ -7,6 +7,10 @@ import torch
 
 from iresflow import registry
 from iresflow.models import IResNetClassifier, ResidualFlow, standard_normal_log_prob
+from iresflow.nn.activations import ELU
+from iresflow.nn.logdet import ExactLogDet
+from iresflow.nn.solvers import FixedPointSolver
+from iresflow.registry import factory
 
 
 def _brute_force_log_prob(flow: ResidualFlow, x: torch.Tensor) -> torch.Tensor:
@@ -31,7 +35,7 @@ def _initialised(flow: ResidualFlow, x: torch.Tensor) -> ResidualFlow:
 
 def test_vector_flow_log_prob_matches_brute_force():
     torch.manual_seed(0)
-    flow = ResidualFlow(in_shape=(2,), n_blocks=3, hidden=[16, 16], coeff=0.9, estimator="exact").double()
+    flow = ResidualFlow(in_shape=(2,), n_blocks=3, hidden=[16, 16], coeff=0.9, estimator=ExactLogDet()).double()
     x = torch.randn(6, 2, dtype=torch.float64) * 2
     _initialised(flow, x)
     ref = _brute_force_log_prob(flow, x)
@@ -42,7 +46,7 @@ def test_image_flow_log_prob_matches_brute_force():
     """Logit transform, ActNorms, conv blocks, a squeeze and a factor-out: all in the log-det."""
     torch.manual_seed(0)
     flow = ResidualFlow(in_shape=(1, 4, 4), n_blocks=1, hidden=4, n_scales=2, coeff=0.9,
-                        activation="elu", estimator="exact", logit_alpha=0.05).double()
+                        activation=ELU(), estimator=ExactLogDet(), logit_alpha=0.05).double()
     x = torch.rand(3, 1, 4, 4, dtype=torch.float64)
     _initialised(flow, x)
     ref = _brute_force_log_prob(flow, x)
@@ -53,14 +57,14 @@ def test_image_flow_log_prob_matches_brute_force():
 def test_flow_inverse_reproduces_the_input(solver):
     torch.manual_seed(0)
     vec = ResidualFlow(in_shape=(2,), n_blocks=4, hidden=[32, 32], coeff=0.9,
-                       solver={"name": solver, "tol": 1e-6, "max_iter": 1000})
+                       solver=factory("solver", {"name": solver, "tol": 1e-6, "max_iter": 1000}))
     x = torch.randn(16, 2)
     _initialised(vec, x)
     z, _ = vec.forward_and_logdet(x)
     assert (vec.inverse(z) - x).abs().max().item() < 1e-5
 
     img = ResidualFlow(in_shape=(3, 8, 8), n_blocks=2, hidden=8, n_scales=3, coeff=0.9,
-                       solver={"name": solver, "tol": 1e-6, "max_iter": 1000})
+                       solver=factory("solver", {"name": solver, "tol": 1e-6, "max_iter": 1000}))
     x = torch.rand(4, 3, 8, 8) * 0.98 + 0.01
     _initialised(img, x)
     z, _ = img.forward_and_logdet(x)
@@ -99,7 +103,7 @@ def test_registered_models_are_built_from_config_nodes():
 def test_classifier_features_are_invertible_and_logits_have_the_class_count():
     torch.manual_seed(0)
     clf = IResNetClassifier(in_shape=(3, 8, 8), num_classes=7, stages=[[2, 8], [2, 16]], init_pad=5,
-                            coeff=0.9, solver={"name": "fixed_point", "tol": 1e-6, "max_iter": 1000})
+                            coeff=0.9, solver=FixedPointSolver(tol=1e-6, max_iter=1000))
     x = torch.randn(4, 3, 8, 8)
     clf.train()
     assert clf(x).shape == (4, 7)
@@ -112,7 +116,7 @@ def test_classifier_features_are_invertible_and_logits_have_the_class_count():
 
 
 def test_flow_log_prob_is_float32_per_sample_nats():
-    flow = ResidualFlow(in_shape=(3,), n_blocks=1, hidden=[8], actnorm=False, estimator="exact")
+    flow = ResidualFlow(in_shape=(3,), n_blocks=1, hidden=[8], actnorm=False, estimator=ExactLogDet())
     flow.eval()
     with torch.no_grad():
         for p in flow.parameters():

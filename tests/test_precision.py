@@ -27,6 +27,7 @@ from iresflow.nn.lipschitz import (LipschitzConv2d, LipschitzLinear, _conv_forwa
                                    _conv_weight_grad, update_lipschitz)
 from iresflow.nn.logdet import PowerSeriesLogDet, RussianRouletteLogDet
 from iresflow.nn.residual import ConvResidual, MLPResidual
+from iresflow.registry import factory
 
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
 # Measured on this block (MLP 4-32-4, c = 0.9, 8 terms, 64 samples, fixed probes): the
@@ -78,7 +79,7 @@ def test_block_logdet_without_grad_under_bf16_is_float32():
 def test_model_log_prob_under_bf16_autocast():
     torch.manual_seed(0)
     model = ResidualFlow(in_shape=(2,), n_blocks=2, hidden=[32, 32],
-                         estimator={"name": "power_series", "n_terms": 8})
+                         estimator=PowerSeriesLogDet(n_terms=8))
     x = torch.randn(128, 2)
     model.log_prob(x)  # ActNorm's data-dependent init, in float32
     torch.manual_seed(1)  # the probes are random: the same draws in both calls
@@ -128,10 +129,10 @@ def _grads(est, g, x, probes, weights):
 def _residual(kind, activation, preact):
     torch.manual_seed(0)
     if kind == "mlp":
-        g = MLPResidual(3, (16, 16), activation=activation, coeff=0.9, n_iterations=0, preact=preact)
+        g = MLPResidual(3, (16, 16), activation=factory("activation", activation), coeff=0.9, n_iterations=0, preact=preact)
         x = torch.randn(5, 3)
     else:
-        g = ConvResidual(2, (6, 6), 4, activation=activation, coeff=0.9, n_iterations=0, preact=preact)
+        g = ConvResidual(2, (6, 6), 4, activation=factory("activation", activation), coeff=0.9, n_iterations=0, preact=preact)
         x = torch.randn(3, 2, 6, 6)
     with torch.no_grad():  # weights above the bound: the normalisation is active
         for m in g.modules():

@@ -137,3 +137,43 @@ def test_entry_point_plugin_is_found(tmp_path, monkeypatch, scratch_kind):
     registry.discover()
     assert registry.build(scratch_kind, "from_entry_point") == 42
     sys.modules.pop("iresflow_ep_demo", None)
+
+
+def test_nested_nodes_become_factories_and_every_block_gets_its_own_instance():
+    """Names are resolved once, by the registry: the model receives factories and builds a
+    fresh estimator and solver per block (nn/ code never looks a name up)."""
+    flow = registry.build("model", "iresnet_flow", in_shape=(2,), n_blocks=3, hidden=[8],
+                          estimator={"name": "power_series", "n_terms": 4},
+                          solver={"name": "anderson", "memory": 2}, activation="elu")
+    blocks = flow.blocks
+    assert len({id(b.estimator) for b in blocks}) == 3 and len({id(b.solver) for b in blocks}) == 3
+    assert all(b.estimator.n_terms == 4 and b.solver.memory == 2 for b in blocks)
+    assert all(type(m).__name__ == "ELU" for b in blocks for m in b.g.net if not hasattr(m, "weight"))
+
+
+def test_factory_checks_names_and_parameters_when_made():
+    f = registry.factory("estimator", {"name": "power_series", "n_terms": 3})
+    assert f().n_terms == 3 and f() is not f()
+    assert f.node() == {"name": "power_series", "n_terms": 3}
+    with pytest.raises(RegistryError, match="Did you mean 'power_series'"):
+        registry.factory("estimator", "power_serie")
+    with pytest.raises(RegistryError, match="did you mean 'n_terms'"):
+        registry.factory("estimator", {"name": "power_series", "n_term": 3})
+
+
+def test_instance_refuses_unresolved_names_and_copies_objects():
+    from iresflow.nn.logdet import ExactLogDet
+
+    with pytest.raises(TypeError, match="registry.build"):
+        registry.instance("exact")
+    est = ExactLogDet()
+    copy = registry.instance(est)
+    assert isinstance(copy, ExactLogDet) and copy is not est
+
+
+def test_only_part_kinds_are_resolved_from_parameter_names():
+    """``task="density"`` of a datamodule is a plain string, not a task component."""
+    assert registry.kind_of_parameter("eval_estimator") == "estimator"
+    assert registry.kind_of_parameter("task") is None and registry.kind_of_parameter("model") is None
+    dm = registry.build("data", "fake", task="density")
+    assert dm.task == "density"

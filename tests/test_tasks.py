@@ -11,6 +11,7 @@ from torch import nn
 from iresflow.data import FakeDataModule, Toy2DDataModule
 from iresflow.models import IResNetClassifier, ResidualFlow
 from iresflow.nn.lipschitz import LipschitzLinear
+from iresflow.nn.logdet import ExactLogDet
 from iresflow.tasks import ClassificationTask, DensityTask, LRSchedule, NonFiniteLossError, bits_per_dim
 from iresflow.tasks.base import build_optimizer
 
@@ -20,7 +21,7 @@ class StubFlow(ResidualFlow):
 
     def __init__(self, n_blocks: int = 2, nan: bool = False):
         super().__init__(in_shape=(2,), n_blocks=n_blocks, hidden=[16], coeff=0.9, actnorm=False,
-                         estimator="exact")
+                         estimator=ExactLogDet())
         self.nan = nan
 
     def log_prob(self, x):

@@ -19,7 +19,9 @@ from torch import nn
 from iresflow.nn.block import InvertibleResidualBlock
 from iresflow.nn.layers import ActNorm, InjectivePad, Squeeze
 from iresflow.nn.residual import ConvResidual, MLPResidual
-from iresflow.registry import register
+from iresflow.nn.activations import ELU
+from iresflow.nn.logdet import PowerSeriesLogDet
+from iresflow.registry import instance, register
 
 __all__ = ["IResNetClassifier"]
 
@@ -33,16 +35,18 @@ class IResNetClassifier(nn.Module):
         num_classes: outputs of the head (filled in from the data).
         stages: ``[[n_blocks, hidden], ...]``: blocks and hidden channels per stage;
             every stage after the first starts with a squeeze.
-        coeff, activation, n_iterations, kernel_sizes: the residual functions' settings.
+        coeff, activation, n_iterations, kernel_sizes: the residual functions' settings
+            (activation: a factory or module, default ELU).
         init_pad: zero channels appended to the input (injective padding).
         actnorm: an ActNorm before every block.
-        solver: inverse solver node (used by ``features_inverse`` and the inverse check).
+        solver: inverse solver, a factory or object (default fixed point); used by
+            ``features_inverse`` and the inverse check.
     """
 
     def __init__(self, in_shape: Sequence[int], num_classes: int = 10,
                  stages: Sequence[Sequence[int]] = ((7, 32), (7, 64), (7, 128)), coeff: float = 0.9,
-                 activation: Any = "elu", n_iterations: int = 1, kernel_sizes: Sequence[int] = (3, 1, 3),
-                 init_pad: int = 0, actnorm: bool = False, solver: Any = "fixed_point"):
+                 activation: Any = None, n_iterations: int = 1, kernel_sizes: Sequence[int] = (3, 1, 3),
+                 init_pad: int = 0, actnorm: bool = False, solver: Any = None):
         super().__init__()
         in_shape = tuple(int(s) for s in in_shape)
         if len(in_shape) not in (1, 3):
@@ -67,9 +71,10 @@ class IResNetClassifier(nn.Module):
                     g = ConvResidual(c, input_size=(h, w), hidden_channels=int(hidden), kernel_sizes=kernel_sizes,
                                      activation=activation, coeff=coeff, n_iterations=n_iterations)
                 else:
-                    g = MLPResidual(c, hidden=(int(hidden), int(hidden)), activation=activation, coeff=coeff,
+                    g = MLPResidual(c, hidden=(int(hidden), int(hidden)), activation=activation or ELU(), coeff=coeff,
                                     n_iterations=n_iterations, preact=True)
-                layers.append(InvertibleResidualBlock(g, solver=solver, estimator="power_series"))
+                layers.append(InvertibleResidualBlock(g, solver=None if solver is None else instance(solver),
+                                                      estimator=PowerSeriesLogDet()))
         self.features = nn.Sequential(*layers)
         self.feature_shape = (c, h, w) if image else (c,)
         norm = nn.BatchNorm2d(c) if image else nn.BatchNorm1d(c)

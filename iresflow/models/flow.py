@@ -26,7 +26,7 @@ from torch import nn
 from iresflow.nn.block import InvertibleResidualBlock
 from iresflow.nn.layers import ActNorm, LogitTransform, Split, Squeeze
 from iresflow.nn.residual import ConvResidual, MLPResidual
-from iresflow.registry import register
+from iresflow.registry import instance, register
 
 __all__ = ["ResidualFlow", "standard_normal_log_prob"]
 
@@ -35,6 +35,11 @@ def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
     """``log N(z; 0, I)`` per sample, summed over every non-batch dimension."""
     z = z.reshape(z.shape[0], -1)
     return -0.5 * (z * z).sum(1) - 0.5 * z.shape[1] * math.log(2 * math.pi)
+
+
+def _fresh(spec: Any) -> Any:
+    """One block's own component (``None``: the block's default)."""
+    return None if spec is None else instance(spec)
 
 
 class _Scale(nn.Module):
@@ -68,11 +73,11 @@ class ResidualFlow(nn.Module):
         n_blocks: residual blocks (per scale for images).
         hidden: hidden widths of the MLP ``g`` (a list, or one int used twice), or
             the hidden channels of the conv ``g`` (an int).
-        activation: registered activation name or node.
+        activation: the activation of ``g`` (a factory or module; default LipSwish).
         coeff: Lipschitz bound c of every normalised map of ``g``.
         actnorm: an ActNorm with each block.
-        estimator, solver: log-det estimator and inverse solver nodes, shared
-            settings for every block (each block gets its own instance).
+        estimator, solver: log-det estimator and inverse solver (factories or
+            objects; defaults Russian roulette and fixed point); each block gets its own instance.
         n_scales, kernel_sizes: images only; scales and the conv ``g``'s kernels.
         logit_alpha: images only; the logit transform's alpha (``None``: none).
         n_iterations: power iterations per training forward in each normalised map.
@@ -80,8 +85,8 @@ class ResidualFlow(nn.Module):
     """
 
     def __init__(self, in_shape: Sequence[int], n_blocks: int = 10, hidden: Any = (128, 128),
-                 activation: Any = "lipswish", coeff: float = 0.97, actnorm: bool = True,
-                 estimator: Any = "russian_roulette", solver: Any = "fixed_point", n_scales: int = 3,
+                 activation: Any = None, coeff: float = 0.97, actnorm: bool = True,
+                 estimator: Any = None, solver: Any = None, n_scales: int = 3,
                  kernel_sizes: Sequence[int] = (3, 1, 3), logit_alpha: float | None = 0.05,
                  n_iterations: int = 1, preact: bool = True):
         super().__init__()
@@ -95,7 +100,7 @@ class ResidualFlow(nn.Module):
             raise ValueError(f"in_shape must be (D,) or (C, H, W), got {self.in_shape}")
 
         def block(g: nn.Module) -> InvertibleResidualBlock:
-            return InvertibleResidualBlock(g, solver=solver, estimator=estimator)
+            return InvertibleResidualBlock(g, solver=_fresh(solver), estimator=_fresh(estimator))
 
         common = dict(activation=activation, coeff=coeff, n_iterations=n_iterations, preact=preact)
         self.logit = None

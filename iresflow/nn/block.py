@@ -6,19 +6,23 @@ must satisfy ``Lip(g) < 1``), the inverse solver and the log-det estimator.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-# Imported for their registrations, so the names below resolve even when the
-# block is used without importing the whole ``iresflow.nn`` package.
-from iresflow.nn import logdet as _logdet  # noqa: F401
-from iresflow.nn import solvers as _solvers  # noqa: F401
-from iresflow.nn.solvers import SolveInfo
-from iresflow.registry import build_node
+from iresflow.nn.logdet import RussianRouletteLogDet
+from iresflow.nn.solvers import FixedPointSolver, SolveInfo
+from iresflow.registry import Factory, instance
 
 __all__ = ["InvertibleResidualBlock"]
+
+
+def _one(spec: Any) -> Any:
+    """The component for this block: a factory is called, a built object is used as given
+    (a name or node is refused by :func:`iresflow.registry.instance`, with the remedy)."""
+    return instance(spec) if isinstance(spec, (Factory, str, Mapping)) else spec
 
 
 class InvertibleResidualBlock(nn.Module):
@@ -26,16 +30,18 @@ class InvertibleResidualBlock(nn.Module):
 
     Args:
         g: the residual function (an ``nn.Module``).
-        solver: object with ``solve(f, y, x0=None)``, a registered ``solver`` name,
-            or a config node ``{name: ..., **params}``. Default ``"fixed_point"``.
-        estimator: log-det estimator module, name or node. Default ``"russian_roulette"``.
+        solver: an object with ``solve(f, y, x0=None)``, or a factory of one
+            (:class:`iresflow.registry.Factory`). Default: fixed-point iteration.
+        estimator: a log-det estimator module, or a factory of one. Default:
+            Russian roulette. (Config nodes are turned into factories by
+            :func:`iresflow.registry.build`; a built object given here is used as is.)
     """
 
     def __init__(self, g: nn.Module, solver: Any = None, estimator: Any = None):
         super().__init__()
         self.g = g
-        self.solver = build_node("solver", "fixed_point" if solver is None else solver)
-        self.estimator = build_node("estimator", "russian_roulette" if estimator is None else estimator)
+        self.solver = FixedPointSolver() if solver is None else _one(solver)
+        self.estimator = RussianRouletteLogDet() if estimator is None else _one(estimator)
         self.last_solve_info: SolveInfo | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,9 +18,9 @@ from torch import nn
 
 from torch.nn.modules import module as _module
 
-from iresflow.nn import activations as _activations  # noqa: F401 - registers the names below
 from iresflow.nn.lipschitz import LIPSCHITZ_LAYERS, LipschitzConv2d, LipschitzLinear
-from iresflow.registry import build_node, register
+from iresflow.nn.activations import ELU, LipSwish
+from iresflow.registry import instance, register
 
 __all__ = ["MLPResidual", "ConvResidual", "ResidualFunction"]
 
@@ -79,8 +79,9 @@ def _is_chain_layer(m: nn.Module) -> bool:
     return bool(getattr(m, "elementwise", False)) and hasattr(m, "forward_and_derivative")
 
 
-def _activation(node: Any) -> nn.Module:
-    act = build_node("activation", node)
+def _activation(spec: Any, default: type[nn.Module]) -> nn.Module:
+    """A fresh activation from a factory (or a copy of a built one); ``None``: ``default()``."""
+    act = default() if spec is None else instance(spec)
     if not hasattr(act, "lipschitz"):
         raise TypeError(f"activation {type(act).__name__} must declare its Lipschitz constant "
                         "(a `lipschitz` attribute)")
@@ -95,13 +96,14 @@ class MLPResidual(ResidualFunction):
     Args:
         dim: input and output width.
         hidden: widths of the hidden layers.
-        activation: registered name or node (``{name: lipswish, beta: 1.0}``).
+        activation: an activation module (copied for every position) or a factory
+            of one; a config node ``{name: lipswish, beta: 1.0}`` through the registry.
         coeff: bound c on each normalised linear map.
         n_iterations, tol, max_iterations: power-iteration settings of each layer.
         preact: start with an activation (as stacked Residual Flows blocks do).
     """
 
-    def __init__(self, dim: int, hidden: Sequence[int] = (128, 128), activation: Any = "lipswish",
+    def __init__(self, dim: int, hidden: Sequence[int] = (128, 128), activation: Any = None,
                  coeff: float = 0.97, n_iterations: int = 1, tol: float | None = None,
                  max_iterations: int = 200, preact: bool = False):
         super().__init__()
@@ -111,14 +113,14 @@ class MLPResidual(ResidualFunction):
         layers: list[nn.Module] = []
         width_in, lip_in = widths[0], 1.0
         if preact:
-            act = _activation(activation)
+            act = _activation(activation, LipSwish)
             layers.append(act)
             width_in, lip_in = width_in * act.width_factor, act.lipschitz
         for i, width_out in enumerate(widths[1:]):
             layers.append(LipschitzLinear(width_in, width_out, coeff=coeff / lip_in, n_iterations=n_iterations,
                                           tol=tol, max_iterations=max_iterations))
             if i < len(widths) - 2:
-                act = _activation(activation)
+                act = _activation(activation, LipSwish)
                 layers.append(act)
                 width_in, lip_in = width_out * act.width_factor, act.lipschitz
         self.net = nn.Sequential(*layers)
@@ -140,7 +142,7 @@ class ConvResidual(ResidualFunction):
     """
 
     def __init__(self, in_channels: int, input_size: Sequence[int] | None = None, hidden_channels: int = 512,
-                 kernel_sizes: Sequence[int] = (3, 1, 3), activation: Any = "elu", coeff: float = 0.97,
+                 kernel_sizes: Sequence[int] = (3, 1, 3), activation: Any = None, coeff: float = 0.97,
                  n_iterations: int = 1, tol: float | None = None, max_iterations: int = 200,
                  preact: bool = True):
         super().__init__()
@@ -153,7 +155,7 @@ class ConvResidual(ResidualFunction):
         layers: list[nn.Module] = []
         width_in, lip_in = channels[0], 1.0
         if preact:
-            act = _activation(activation)
+            act = _activation(activation, ELU)
             layers.append(act)
             width_in, lip_in = width_in * act.width_factor, act.lipschitz
         for i, (k, width_out) in enumerate(zip(kernel_sizes, channels[1:])):
@@ -162,7 +164,7 @@ class ConvResidual(ResidualFunction):
                                           coeff=coeff / lip_in, n_iterations=n_iterations, tol=tol,
                                           max_iterations=max_iterations))
             if i < len(kernel_sizes) - 1:
-                act = _activation(activation)
+                act = _activation(activation, ELU)
                 layers.append(act)
                 width_in, lip_in = width_out * act.width_factor, act.lipschitz
         self.net = nn.Sequential(*layers)

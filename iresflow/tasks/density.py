@@ -153,12 +153,12 @@ class DensityTask(IResTask):
 
     # ------------------------------------------------------------------ test-time estimator
     def _swap_estimators(self, node: Any) -> None:
-        from iresflow.registry import build_node
+        from iresflow.registry import instance
 
         blocks = [b for b in self.blocks() if hasattr(b, "estimator")]
         self._saved_estimators = [b.estimator for b in blocks]
         for b in blocks:
-            est = build_node("estimator", node)
+            est = instance(node)
             if isinstance(est, nn.Module):
                 est = est.to(self.device)
                 est.eval()
