@@ -5,6 +5,7 @@ functions, inverse solvers and log-det estimators.
 """
 
 from iresflow.nn import activations, block, layers, lipschitz, logdet, residual, solvers  # noqa: F401
+from iresflow.nn import broyden, dense, implicit  # noqa: F401
 from iresflow.nn.block import InvertibleResidualBlock
 from iresflow.nn.layers import ActNorm, InjectivePad, LogitTransform, Split, Squeeze
 from iresflow.nn.lipschitz import LipschitzConv2d, LipschitzLinear, update_lipschitz

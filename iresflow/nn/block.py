@@ -14,7 +14,7 @@ from torch import nn
 
 from iresflow.nn.logdet import RussianRouletteLogDet
 from iresflow.nn.solvers import FixedPointSolver, SolveInfo
-from iresflow.registry import Factory, instance
+from iresflow.registry import Factory, instance, register
 
 __all__ = ["InvertibleResidualBlock"]
 
@@ -25,6 +25,8 @@ def _one(spec: Any) -> Any:
     return instance(spec) if isinstance(spec, (Factory, str, Mapping)) else spec
 
 
+@register("block", "residual", description="residual block y = x + g(x), Lip(g) < 1 (i-ResNet): explicit "
+                                          "forward, solved inverse")
 class InvertibleResidualBlock(nn.Module):
     """``y = x + g(x)``; invertible because ``Lip(g) < 1``.
 
