@@ -32,7 +32,8 @@ import yaml
 __all__ = ["SCALES", "ReproduceError", "Context", "load_run", "read_json", "repo_path", "scale_file"]
 
 SCALES = ("tiny", "cpu", "paper")
-LOG_TAIL = 15
+#: the runs write to log files: no progress bars (thousands of carriage returns) and no model summary
+QUIET = ("trainer.enable_progress_bar=false", "trainer.enable_model_summary=false")
 
 
 class ReproduceError(RuntimeError):
@@ -188,7 +189,7 @@ class Context:
         find it trained, or resume it; returns its final metrics."""
         name = name or run
         experiment, overrides = self.run_command(run, extra)
-        args = [f"experiment={experiment}", "logger=none", f"seed={self.seed}", *overrides]
+        args = [f"experiment={experiment}", "logger=none", f"seed={self.seed}", *QUIET, *overrides]
         run_dir = self._folder(name, args)
         return self._process(name, "train", [*args, f"output_dir={run_dir}"], run_dir / "metrics.json", run_dir,
                              skip_if_done=True)
@@ -196,7 +197,7 @@ class Context:
     def sweep(self, name: str, spec: Path, overrides: Sequence[str]) -> Path:
         """Run the sweep ``spec`` through ``python -m iresflow sweep`` into its folder. It always
         starts: the sweep itself skips its finished runs and resumes cut-off ones."""
-        args = ["logger=none", f"seed={self.seed}", *overrides]
+        args = ["logger=none", f"seed={self.seed}", *QUIET, *overrides]
         folder = self._folder(name, [Path(spec).name, *args])  # (not the absolute path: the repo may move)
         self._process(name, "sweep", [str(spec), *args, "--out", str(folder)], folder / "summary.md", None,
                       skip_if_done=False)

@@ -145,5 +145,7 @@ def run(ctx: Context) -> dict:
                "bias: mean(estimate - exact) over the images with exact traces (the series' own error; the "
                f"roulette over {s['repeats']} draws of its tail, +- its standard error); std: the spread of one "
                f"estimate with one Gaussian probe per block ({s['repeats']} draws). The roulette draws its terms "
-               "beyond n at random (geometric, p = 0.5): n + 1 terms on average."],
+               "beyond n at random (geometric, p = 0.5): n + 1 terms on average. Its k-th term is reweighted by "
+               "2^(k-n), so with Lip(g) near 1 the draws are heavy-tailed and the standard error is rough for small "
+               "n (Residual Flows keep n >= 2 exact terms for this reason)."],
         extra={"exact_mean": float(exact.mean()), "lipschitz": bounds})
