@@ -21,6 +21,7 @@ from iresflow.nn.layers import ActNorm, InjectivePad, Squeeze
 from iresflow.nn.residual import ConvResidual, MLPResidual
 from iresflow.nn.activations import ELU
 from iresflow.nn.logdet import PowerSeriesLogDet
+from iresflow.nn.normalization import resolve_normalization
 from iresflow.registry import instance, register
 
 __all__ = ["IResNetClassifier"]
@@ -41,13 +42,17 @@ class IResNetClassifier(nn.Module):
         actnorm: an ActNorm before every block.
         solver: inverse solver, a factory or object (default fixed point); used by
             ``features_inverse`` and the inverse check.
+        normalization: how the residual functions make their linear maps (a factory or a
+            built normalisation; default ``operator``; ``none``: the paper's Vanilla ResNet,
+            whose ``features_inverse`` is not guaranteed and reports its solves).
     """
 
     def __init__(self, in_shape: Sequence[int], num_classes: int = 10,
                  stages: Sequence[Sequence[int]] = ((7, 32), (7, 64), (7, 128)), coeff: float = 0.9,
                  activation: Any = None, n_iterations: int = 1, kernel_sizes: Sequence[int] = (3, 1, 3),
-                 init_pad: int = 0, actnorm: bool = False, solver: Any = None):
+                 init_pad: int = 0, actnorm: bool = False, solver: Any = None, normalization: Any = None):
         super().__init__()
+        normalization = resolve_normalization(normalization, n_iterations=n_iterations)
         in_shape = tuple(int(s) for s in in_shape)
         if len(in_shape) not in (1, 3):
             raise ValueError(f"in_shape must be (C, H, W) or (D,), got {in_shape}")
@@ -69,10 +74,11 @@ class IResNetClassifier(nn.Module):
                     layers.append(ActNorm(c))
                 if image:
                     g = ConvResidual(c, input_size=(h, w), hidden_channels=int(hidden), kernel_sizes=kernel_sizes,
-                                     activation=activation, coeff=coeff, n_iterations=n_iterations)
+                                     activation=activation, coeff=coeff, n_iterations=n_iterations,
+                                     normalization=normalization)
                 else:
                     g = MLPResidual(c, hidden=(int(hidden), int(hidden)), activation=activation or ELU(), coeff=coeff,
-                                    n_iterations=n_iterations, preact=True)
+                                    n_iterations=n_iterations, preact=True, normalization=normalization)
                 layers.append(InvertibleResidualBlock(g, solver=None if solver is None else instance(solver),
                                                       estimator=PowerSeriesLogDet()))
         self.features = nn.Sequential(*layers)

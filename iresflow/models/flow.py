@@ -12,6 +12,10 @@
 
 Sampling draws ``z`` from the (tempered) prior and inverts every layer, the
 residual blocks by their fixed-point solver.
+
+``normalization: none`` (the unconstrained "Vanilla" ResNet) trains only with
+the exact log-det: the power series of a series estimator converges only when
+``Lip(g) < 1``, so that combination is refused when the model is built.
 """
 
 from __future__ import annotations
@@ -23,8 +27,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from iresflow.config import ConfigError
 from iresflow.nn.block import InvertibleResidualBlock
 from iresflow.nn.layers import ActNorm, LogitTransform, Split, Squeeze
+from iresflow.nn.logdet import ExactLogDet
+from iresflow.nn.normalization import resolve_normalization
 from iresflow.nn.residual import ConvResidual, MLPResidual
 from iresflow.registry import instance, register
 
@@ -40,6 +47,21 @@ def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
 def _fresh(spec: Any) -> Any:
     """One block's own component (``None``: the block's default)."""
     return None if spec is None else instance(spec)
+
+
+def _is_exact(estimator: Any) -> bool:
+    """Whether a log-det estimator computes the exact log-det (``exact = True``, or ExactLogDet)."""
+    return bool(getattr(estimator, "exact", isinstance(estimator, ExactLogDet)))
+
+
+def check_estimator_fits(normalization: Any, estimator: Any) -> None:
+    """Refuse a series log-det estimator for an unconstrained ``g``: a :class:`ConfigError` (a
+    ``ValueError`` the command line reports as one line, exit code 2) naming the remedy."""
+    if normalization.constrains or (estimator is not None and _is_exact(instance(estimator))):
+        return
+    raise ConfigError("model.normalization does not constrain Lip(g) (vanilla ResNet): the log-det power "
+                     "series does not converge without Lip(g) < 1; use model.estimator=exact "
+                     "(or a constraining normalization such as operator)")
 
 
 class _Scale(nn.Module):
@@ -82,14 +104,18 @@ class ResidualFlow(nn.Module):
         logit_alpha: images only; the logit transform's alpha (``None``: none).
         n_iterations: power iterations per training forward in each normalised map.
         preact: ``g`` starts with an activation.
+        normalization: how ``g`` makes its linear maps (a factory or a built
+            normalisation; default ``operator``). ``none`` needs ``estimator: exact``.
     """
 
     def __init__(self, in_shape: Sequence[int], n_blocks: int = 10, hidden: Any = (128, 128),
                  activation: Any = None, coeff: float = 0.97, actnorm: bool = True,
                  estimator: Any = None, solver: Any = None, n_scales: int = 3,
                  kernel_sizes: Sequence[int] = (3, 1, 3), logit_alpha: float | None = 0.05,
-                 n_iterations: int = 1, preact: bool = True):
+                 n_iterations: int = 1, preact: bool = True, normalization: Any = None):
         super().__init__()
+        normalization = resolve_normalization(normalization, n_iterations=n_iterations)
+        check_estimator_fits(normalization, estimator)
         self.in_shape = tuple(int(s) for s in in_shape)
         if not self.in_shape:
             raise ValueError("iresnet_flow needs in_shape (the per-sample data shape)")
@@ -102,7 +128,8 @@ class ResidualFlow(nn.Module):
         def block(g: nn.Module) -> InvertibleResidualBlock:
             return InvertibleResidualBlock(g, solver=_fresh(solver), estimator=_fresh(estimator))
 
-        common = dict(activation=activation, coeff=coeff, n_iterations=n_iterations, preact=preact)
+        common = dict(activation=activation, coeff=coeff, n_iterations=n_iterations, preact=preact,
+                      normalization=normalization)
         self.logit = None
         self.squeeze, self.split = Squeeze(2), Split()
         scales: list[_Scale] = []

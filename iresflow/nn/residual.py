@@ -1,11 +1,14 @@
 """Residual functions ``g`` of ``F(x) = x + g(x)`` (kind ``residual``), with ``Lip(g) < 1``.
 
-``g`` alternates spectrally normalised linear maps and activations. Every
-linear map is normalised to ``coeff`` divided by the Lipschitz constant of the
-activation before it, so ``Lip(g) <= coeff ** n_linear <= coeff`` (the
-i-ResNet convention: ``c`` is the per-layer bound). ``lipschitz_bound()``
-returns the product of the layers' current operator norms and the
-activations' constants: the bound that the estimator and the inverse rely on.
+``g`` alternates normalised linear maps and activations. Every linear map is
+made by the ``normalization`` (kind ``normalization``, default ``operator``:
+:mod:`iresflow.nn.normalization`) with the bound ``coeff`` divided by the
+Lipschitz constant of the activation before it, so
+``Lip(g) <= coeff ** n_linear <= coeff`` (the i-ResNet convention: ``c`` is the
+per-layer bound). ``lipschitz_bound()`` returns the product of the layers'
+current operator norms and the activations' constants: the bound that the
+estimator and the inverse rely on (with ``normalization: none`` the estimated
+product of the real, unconstrained norms).
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from torch import nn
 
 from torch.nn.modules import module as _module
 
-from iresflow.nn.lipschitz import LIPSCHITZ_LAYERS, LipschitzConv2d, LipschitzLinear
 from iresflow.nn.activations import ELU, LipSwish
+from iresflow.nn.normalization import Normalization, resolve_normalization
 from iresflow.registry import instance, register
 
 __all__ = ["MLPResidual", "ConvResidual", "ResidualFunction"]
@@ -62,9 +65,10 @@ class ResidualFunction(nn.Module):
         return layers if self.__dict__["_linear_chain_ok"] else None
 
     def lipschitz_bound(self) -> float:
+        """Product of the linear maps' ``lipschitz_constant()`` and the activations' ``lipschitz``."""
         bound = 1.0
         for m in self.net:
-            if isinstance(m, LIPSCHITZ_LAYERS):
+            if hasattr(m, "lipschitz_constant"):
                 bound *= m.lipschitz_constant()
             else:
                 bound *= float(getattr(m, "lipschitz", 1.0))
@@ -79,6 +83,15 @@ def _is_chain_layer(m: nn.Module) -> bool:
     return bool(getattr(m, "elementwise", False)) and hasattr(m, "forward_and_derivative")
 
 
+def _normalization(spec: Any, coeff: float, **settings: Any) -> Normalization:
+    """The residual function's normalisation (``settings`` fill what a factory's node leaves
+    unset); a constraining one needs ``0 < coeff < 1`` for ``g`` to be a contraction."""
+    norm = resolve_normalization(spec, **settings)
+    if norm.constrains and not 0 < coeff < 1:
+        raise ValueError(f"coeff must lie in (0, 1) for g to be a contraction, got {coeff}")
+    return norm
+
+
 def _activation(spec: Any, default: type[nn.Module]) -> nn.Module:
     """A fresh activation from a factory (or a copy of a built one); ``None``: ``default()``."""
     act = default() if spec is None else instance(spec)
@@ -88,8 +101,8 @@ def _activation(spec: Any, default: type[nn.Module]) -> nn.Module:
     return act
 
 
-@register("residual", "mlp", description="fully connected g: dim -> hidden... -> dim, spectrally normalised "
-                                         "(toy 2D and vector flows)")
+@register("residual", "mlp", description="fully connected g: dim -> hidden... -> dim, linear maps by the "
+                                         "normalization (toy 2D and vector flows)")
 class MLPResidual(ResidualFunction):
     """``g = W_L o act o ... o act o W_1`` (with ``preact``: an activation first).
 
@@ -98,17 +111,20 @@ class MLPResidual(ResidualFunction):
         hidden: widths of the hidden layers.
         activation: an activation module (copied for every position) or a factory
             of one; a config node ``{name: lipswish, beta: 1.0}`` through the registry.
-        coeff: bound c on each normalised linear map.
-        n_iterations, tol, max_iterations: power-iteration settings of each layer.
+        coeff: bound c on each normalised linear map (ignored by ``normalization: none``).
+        n_iterations, tol, max_iterations: power-iteration settings of each layer (defaults
+            for the normalisation's node).
         preact: start with an activation (as stacked Residual Flows blocks do).
+        normalization: how the linear maps are made: a factory or a built
+            :class:`~iresflow.nn.normalization.Normalization` (default ``operator``).
     """
 
     def __init__(self, dim: int, hidden: Sequence[int] = (128, 128), activation: Any = None,
                  coeff: float = 0.97, n_iterations: int = 1, tol: float | None = None,
-                 max_iterations: int = 200, preact: bool = False):
+                 max_iterations: int = 200, preact: bool = False, normalization: Any = None):
         super().__init__()
-        if not 0 < coeff < 1:
-            raise ValueError(f"coeff must lie in (0, 1) for g to be a contraction, got {coeff}")
+        norm = _normalization(normalization, coeff, n_iterations=n_iterations, tol=tol,
+                              max_iterations=max_iterations)
         widths = [int(dim), *[int(h) for h in hidden], int(dim)]
         layers: list[nn.Module] = []
         width_in, lip_in = widths[0], 1.0
@@ -117,18 +133,17 @@ class MLPResidual(ResidualFunction):
             layers.append(act)
             width_in, lip_in = width_in * act.width_factor, act.lipschitz
         for i, width_out in enumerate(widths[1:]):
-            layers.append(LipschitzLinear(width_in, width_out, coeff=coeff / lip_in, n_iterations=n_iterations,
-                                          tol=tol, max_iterations=max_iterations))
+            layers.append(norm.linear(width_in, width_out, coeff=coeff / lip_in))
             if i < len(widths) - 2:
                 act = _activation(activation, LipSwish)
                 layers.append(act)
                 width_in, lip_in = width_out * act.width_factor, act.lipschitz
         self.net = nn.Sequential(*layers)
-        self.dim, self.coeff = int(dim), float(coeff)
+        self.dim, self.coeff, self.normalization = int(dim), float(coeff), norm
 
 
 @register("residual", "conv", description="convolutional bottleneck g: k1 x k1 -> k2 x k2 -> k3 x k3 convs "
-                                          "(i-ResNet 3-1-3), operator-norm normalised")
+                                          "(i-ResNet 3-1-3), linear maps by the normalization")
 class ConvResidual(ResidualFunction):
     """The i-ResNet bottleneck: ``in -> hidden -> hidden -> in`` channels, 'same' padding.
 
@@ -138,16 +153,17 @@ class ConvResidual(ResidualFunction):
             convolution depends on it (``None``: taken from the first forward).
         hidden_channels: channels of the two hidden feature maps.
         kernel_sizes: one odd kernel size per convolution (default 3, 1, 3).
-        activation, coeff, n_iterations, tol, max_iterations, preact: as :class:`MLPResidual`.
+        activation, coeff, n_iterations, tol, max_iterations, preact, normalization: as
+            :class:`MLPResidual`.
     """
 
     def __init__(self, in_channels: int, input_size: Sequence[int] | None = None, hidden_channels: int = 512,
                  kernel_sizes: Sequence[int] = (3, 1, 3), activation: Any = None, coeff: float = 0.97,
                  n_iterations: int = 1, tol: float | None = None, max_iterations: int = 200,
-                 preact: bool = True):
+                 preact: bool = True, normalization: Any = None):
         super().__init__()
-        if not 0 < coeff < 1:
-            raise ValueError(f"coeff must lie in (0, 1) for g to be a contraction, got {coeff}")
+        norm = _normalization(normalization, coeff, n_iterations=n_iterations, tol=tol,
+                              max_iterations=max_iterations)
         if any(int(k) % 2 == 0 for k in kernel_sizes):
             raise ValueError(f"kernel sizes must be odd ('same' padding keeps the shape), got {kernel_sizes}")
         size = None if input_size is None else (int(input_size[0]), int(input_size[1]))
@@ -160,12 +176,12 @@ class ConvResidual(ResidualFunction):
             width_in, lip_in = width_in * act.width_factor, act.lipschitz
         for i, (k, width_out) in enumerate(zip(kernel_sizes, channels[1:])):
             k = int(k)
-            layers.append(LipschitzConv2d(width_in, width_out, k, padding=k // 2, input_size=size,
-                                          coeff=coeff / lip_in, n_iterations=n_iterations, tol=tol,
-                                          max_iterations=max_iterations))
+            layers.append(norm.conv2d(width_in, width_out, k, padding=k // 2, input_size=size,
+                                      coeff=coeff / lip_in))
             if i < len(kernel_sizes) - 1:
                 act = _activation(activation, ELU)
                 layers.append(act)
                 width_in, lip_in = width_out * act.width_factor, act.lipschitz
         self.net = nn.Sequential(*layers)
         self.in_channels, self.input_size, self.coeff = int(in_channels), size, float(coeff)
+        self.normalization = norm

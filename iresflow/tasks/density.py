@@ -37,8 +37,9 @@ from iresflow.tasks.base import IResTask
 __all__ = ["DensityTask", "bits_per_dim"]
 
 
-def bits_per_dim(log_prob: torch.Tensor, num_dims: int, n_bits: int | None = 8) -> torch.Tensor:
-    """Bits/dim of ``n_bits`` data from ``log p(x)`` (nats) of the density on ``[0, 1]^D``."""
+def bits_per_dim(log_prob: torch.Tensor, num_dims: int, n_bits: float | None = 8) -> torch.Tensor:
+    """Bits/dim of ``2^n_bits``-level data from ``log p(x)`` (nats) of the density on ``[0, 1]^D``
+    (``n_bits`` need not be an integer: ``log2(17)`` for the 17-level digits)."""
     offset = 0.0 if n_bits is None else n_bits * num_dims * math.log(2.0)
     return -(log_prob - offset) / (num_dims * math.log(2.0))
 
@@ -63,7 +64,7 @@ class DensityTask(IResTask):
     monitor_mode = "min"
 
     def __init__(self, model: nn.Module, *, dims: Sequence[int] = (2,), data_kind: str = "vector",
-                 n_bits: int | None = None, eval_estimator: Any = None, n_samples: int = 2000,
+                 n_bits: float | None = None, eval_estimator: Any = None, n_samples: int = 2000,
                  picture_every_n_val: int = 1, recon_batch_size: int = 64, **common: Any):
         super().__init__(model, **common)
         if data_kind not in ("vector", "image"):
@@ -71,8 +72,8 @@ class DensityTask(IResTask):
         self.dims = tuple(int(d) for d in dims)
         self.num_dims = int(math.prod(self.dims))
         self.data_kind = data_kind
-        self.n_bits = None if n_bits is None else int(n_bits)
-        self.report_bpd = data_kind == "image" and self.n_bits is not None
+        self.n_bits = None if n_bits is None else float(n_bits)  # log2(levels): 8, or log2(17) for digits
+        self.report_bpd = self.n_bits is not None  # discretised data (images, or flattened images)
         if self.report_bpd:
             self.monitor = "val/bpd"
         self.eval_estimator = eval_estimator
