@@ -36,16 +36,17 @@ def test_every_group_file_and_experiment_composes():
 def test_experiment_sets_groups_and_command_line_groups_win():
     cfg = load_config(["experiment=mnist_classify"])
     assert (cfg.data.name, cfg.model.name, cfg.task.name) == ("mnist", "iresnet_classifier", "classification")
-    assert cfg.task.optimizer == "sgd" and cfg.task.lr == 0.1 and cfg.task.gamma == 0.2
+    assert cfg.task.optimizer.name == "sgd" and cfg.task.optimizer.lr == 0.1 and cfg.task.gamma == 0.2
+    assert cfg.task.optimizer.momentum == 0.9  # from the task group, merged under the experiment's node
     cfg = load_config(["experiment=mnist_classify", "data=fake", "logger=none"])
     assert cfg.data.name == "fake" and cfg.logger.name == "none"
     assert cfg.data.batch_size == 128  # the experiment's body still applies
 
 
 def test_key_overrides_and_value_parsing():
-    cfg = load_config(["model.coeff=0.5", "task.lr=1e-3", "trainer.max_steps=5",
+    cfg = load_config(["model.coeff=0.5", "task.optimizer.lr=1e-3", "trainer.max_steps=5",
                        "seed=3", "model.hidden=[8, 8]", "trainer.devices=2", "+task.extra=null"])
-    assert cfg.model.coeff == 0.5 and cfg.task.lr == 1e-3 and isinstance(cfg.task.lr, float)
+    assert cfg.model.coeff == 0.5 and cfg.task.optimizer.lr == 1e-3 and isinstance(cfg.task.optimizer.lr, float)
     assert cfg.trainer.max_steps == 5 and cfg.seed == 3 and list(cfg.model.hidden) == [8, 8]
     assert load_config(["data=mnist", "data.root=/tmp/x"]).data.root == "/tmp/x"
     assert "extra" in cfg.task and cfg.task.extra is None
