@@ -41,7 +41,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from lightning.pytorch import LightningDataModule

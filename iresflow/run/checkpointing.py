@@ -76,7 +76,8 @@ def periodic_checkpoint(folder: Path, every_minutes: float | None, every_n_steps
 def best_checkpoint(folder: Path, monitor: str, mode: str) -> ModelCheckpoint:
     """``best.ckpt``: the checkpoint of the best validation ``monitor`` so far."""
     return ModelCheckpoint(dirpath=str(folder), filename="best", monitor=monitor, mode=mode, save_top_k=1,
-                           save_last=False, auto_insert_metric_name=False, enable_version_counter=False)
+                           save_last=False, auto_insert_metric_name=False, enable_version_counter=False,
+                           save_on_train_epoch_end=False)  # after validations only: they measure "best"
 
 
 class CheckpointOnStop(Callback):

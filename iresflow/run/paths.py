@@ -127,7 +127,7 @@ def choose_checkpoint(cfg: DictConfig, folder: RunFolder) -> Start:
     if ckpt:
         path = Path(str(ckpt))
         if not path.is_file():
-            raise RunDirError(f"ckpt_path={ckpt}: no such checkpoint file")
+            raise RunDirError(f"ckpt_path={ckpt}: the checkpoint does not exist")
         if run_folder_of(path).resolve() != folder.path.resolve() and not folder.is_empty() \
                 and not folder.config_file.is_file():
             raise RunDirError(f"output_dir {folder.path} is not empty ({folder.listing()}); a run started from "

@@ -62,15 +62,23 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     import torch
 
     path = Path(path)
+    other = "use another checkpoint (a run's checkpoints/ folder holds last.ckpt and best.ckpt)"
     if not path.is_file():
         raise RunDirError(f"checkpoint {path} does not exist")
     try:
+        whole = zipfile.is_zipfile(path)  # torch.save writes a zip archive; its index is at the end
+    except OSError as err:
+        raise RunDirError(f"checkpoint {path} cannot be read ({err.strerror or err}); {other}") from err
+    if not whole:
+        raise RunDirError(f"{path} is not a checkpoint, or a truncated one (no complete torch archive); {other}")
+    try:
         state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError) as err:
+    except pickle.UnpicklingError as err:
+        raise RunDirError(f"{path} holds objects other than tensors and plain values (not an iresflow "
+                          f"checkpoint, or one from an older version); {other}") from err
+    except (zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise RunDirError(f"{path} is not a readable checkpoint (truncated or not a .ckpt file: {reason}); "
-                          "use another checkpoint (the run's checkpoints/ folder holds last.ckpt and best.ckpt)"
-                          ) from err
+        raise RunDirError(f"{path} is damaged ({reason}); {other}") from err
     if not isinstance(state, dict) or "state_dict" not in state:
         raise RunDirError(f"{path} is not a Lightning checkpoint (it holds no state_dict)")
     return state

@@ -15,6 +15,7 @@ so a start that fails leaves nothing behind that blocks its corrected rerun.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shlex
@@ -125,37 +126,20 @@ class _Run:
 
     # ------------------------------------------------------------------ rank 0
     def run(self) -> TrainResult:
-        cfg, folder = self.cfg, self.folder
-        start = choose_checkpoint(cfg, folder)
-        config = OmegaConf.to_container(cfg, resolve=True)
-        changes: dict[str, tuple[Any, Any]] = {}
-        recorded = folder.recorded_config() if start.checkpoint is not None else None
-        if recorded is not None:
-            changes = differences(recorded, config)
-            if changes and cfg.get("resume_changes", "refuse") != "allow":
-                raise ConfigError(
-                    f"resuming {folder.path} with other settings than its config.yaml: {describe_differences(changes)}."
-                    " Resume with the settings it was started with, or pass resume_changes=allow to record "
-                    f"the change in {folder.changes_file}")
-            status = folder.status() or {}
-            if not changes and status.get("status") == "finished" and folder.metrics_file.is_file():
-                import json
-
-                return TrainResult(json.loads(folder.metrics_file.read_text()), folder.path,
-                                   checkpoint=start.checkpoint, attempt=int(status.get("attempt", 1)),
-                                   note=f"{folder.path} already finished (status.json, metrics.json); nothing to do")
-        self.attempt = folder.next_attempt() if start.checkpoint is not None else 1
         try:
-            prepared = self._prepare(start)
+            checked = self._check()
         except BaseException:
-            if start.checkpoint is None:
-                folder.remove_if_created()
+            self.folder.remove_if_created()  # a folder this start made goes with it; another is untouched
             raise
+        if isinstance(checked, TrainResult):
+            return checked
+        start, prepared, recorded, changes = checked
+        folder = self.folder
         # every check passed: now the run's files
         if start.clear:
             folder.clear()
         if recorded is None:
-            folder.write_config(to_yaml(cfg))
+            folder.write_config(to_yaml(self.cfg))
         if changes:
             folder.record_changes(self.attempt, changes)
         prepared.write_logger_files()
@@ -187,6 +171,29 @@ class _Run:
         result.note = start.note
         return result
 
+    def _check(self):
+        """Every check that can refuse the attempt; nothing is written. Returns a TrainResult when
+        there is nothing to do, else (start, prepared, recorded config, allowed changes)."""
+        cfg, folder = self.cfg, self.folder
+        start = choose_checkpoint(cfg, folder)
+        changes: dict[str, tuple[Any, Any]] = {}
+        recorded = folder.recorded_config() if start.checkpoint is not None else None
+        if recorded is not None:
+            changes = differences(recorded, OmegaConf.to_container(cfg, resolve=True))
+            if changes and cfg.get("resume_changes", "refuse") != "allow":
+                raise ConfigError(
+                    f"resuming {folder.path} with other settings than its config.yaml: {describe_differences(changes)}."
+                    " Resume with the settings it was started with, or pass resume_changes=allow to record "
+                    f"the change in {folder.changes_file}")
+            status = folder.status() or {}
+            if not changes and status.get("status") == "finished" and folder.metrics_file.is_file() \
+                    and start.checkpoint == folder.last_checkpoint:
+                return TrainResult(json.loads(folder.metrics_file.read_text()), folder.path,
+                                   checkpoint=start.checkpoint, attempt=int(status.get("attempt", 1)),
+                                   note=f"{folder.path} already finished (status.json, metrics.json); nothing to do")
+        self.attempt = folder.next_attempt() if start.checkpoint is not None else 1
+        return start, _Prepared(self, start), recorded, changes
+
     def run_other_rank(self) -> TrainResult:
         """A DDP rank > 0: the folder and checkpoint rank 0 chose; it writes nothing itself."""
         chosen = os.environ.get(RESUME_ENV)
@@ -195,11 +202,7 @@ class _Run:
             last = self.folder.last_checkpoint
             chosen = str(last) if ckpt in ("auto", "last") and last.is_file() else (
                 "" if ckpt in (None, "auto", "last") else str(ckpt))
-        start = Start(Path(chosen) if chosen else None)
-        return self._prepare(start).fit_and_test()
-
-    def _prepare(self, start: Start) -> "_Prepared":
-        return _Prepared(self, start)
+        return _Prepared(self, Start(Path(chosen) if chosen else None)).fit_and_test()
 
 
 class _Prepared:
@@ -248,8 +251,8 @@ class _Prepared:
         try:
             self.trainer = pl.Trainer(**trainer_kwargs(cfg), logger=self.logger, callbacks=callbacks,
                                       plugins=plugins, default_root_dir=str(folder.path))
-        except (MisconfigurationException, ValueError, TypeError) as err:
-            raise ConfigError(f"trainer: {err}") from err
+        except (MisconfigurationException, ValueError, TypeError, ImportError) as err:  # ImportError: an
+            raise ConfigError(f"trainer: {err}") from err  # accelerator whose package is not installed
 
     def steps_done(self) -> int:
         return int(self.trainer.global_step)
@@ -292,13 +295,14 @@ class _Prepared:
                 raise Stopped(signum, trainer.global_step, str(saved) if saved else None, self.run.resume) from None
             except BaseException as err:
                 self._finish_logger("failed")
+                measured = {**flat_metrics(trainer.callback_metrics),
+                            "train/skipped_batches": float(task.skipped_batches),
+                            "trainer/global_step": float(trainer.global_step)}
                 if isinstance(err, FloatingPointError):  # NonFiniteLossError: what was measured, and why
-                    metrics = flat_metrics(trainer.callback_metrics)
-                    metrics["train/skipped_batches"] = float(task.skipped_batches)
-                    raise RunFailed(str(err), metrics) from err
+                    raise RunFailed(str(err), measured) from err
                 if type(err).__name__ == "ConvergenceError":  # a strict solver (iresflow.nn.solvers)
-                    raise RunFailed(f"{err} (model.solver.strict=true); raise model.solver.max_iter or lower "
-                                    "model.coeff", flat_metrics(trainer.callback_metrics)) from err
+                    raise RunFailed(f"{err} at step {trainer.global_step} (model.solver.strict=true); raise "
+                                    "model.solver.max_iter or lower model.coeff", measured) from err
                 raise
         metrics["train/skipped_batches"] = float(task.skipped_batches)
         metrics["trainer/global_step"] = float(trainer.global_step)
