@@ -74,6 +74,12 @@ CONFIG_ERRORS = [
 PROBE = textwrap.dedent('''
     import contextlib, io, json, sys
     from iresflow.cli import main
+    for argv in (["--help"], ["train", "--help"], ["sample", "--help"]):
+        with contextlib.redirect_stdout(io.StringIO()):
+            try:
+                main(argv)
+            except SystemExit:
+                pass
     results = []
     for argv in json.loads(sys.argv[1]):
         err = io.StringIO()
@@ -86,6 +92,7 @@ PROBE = textwrap.dedent('''
 
 
 def test_config_errors_are_one_line_exit_2_and_never_load_torch():
+    """``--help`` and every error the config alone shows: no torch, no Lightning."""
     commands = [argv for argv, _ in CONFIG_ERRORS]
     proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(commands)], cwd=ROOT, env=env(),
                           capture_output=True, text=True, timeout=120)
