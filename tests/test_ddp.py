@@ -364,6 +364,9 @@ def test_cli_ddp_run_writes_once_and_resumes_on_one_device(tmp_path):
     assert (out / "checkpoints" / "last.ckpt").is_file() and (out / "density.png").is_file()
     assert sorted(p.name for p in (out / "csv").iterdir()) == ["version_0"]  # one logger, rank 0's
     assert list(tmp_path.iterdir()) == [out]
+    # the ranks Lightning started were part of rank 0's ownership, not refused by its lock
+    status = json.loads((out / "status.json").read_text())
+    assert status["status"] == "finished" and not (out / ".lock").exists()
     # on one device, for more steps: a change of settings, asked for and recorded
     proc = subprocess.run([sys.executable, "-m", "iresflow", "train", "trainer=cpu", "trainer.max_steps=6",
                            "ckpt_path=auto", "resume_changes=allow", *common], cwd=ROOT, env=env,
