@@ -101,7 +101,7 @@ def _measure(ctx: Context, overrides: list[str], folder: Path) -> dict:
     saves = []
     for i in range(2 if ctx.quick else 5):
         t0 = time.perf_counter()
-        trainer.save_checkpoint(str(folder / "checkpoints" / "last.ckpt"))
+        trainer.save_checkpoint(str(folder / "checkpoints" / "last.ckpt"), weights_only=False)
         saves.append(time.perf_counter() - t0)
     size = (folder / "checkpoints" / "last.ckpt").stat().st_size
     warm = steps.times[2:] or steps.times  # the first steps initialise (ActNorm, optimiser state)

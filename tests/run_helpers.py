@@ -54,9 +54,13 @@ SLOW_FLOW_PLUGIN = textwrap.dedent('''
 ''')
 
 
-def write_plugin(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "slow_flow.py").write_text(SLOW_FLOW_PLUGIN)
+def write_plugin(tmp_path_factory) -> Path:
+    """The plugin folder, one per test session (a plugin file is imported once per process: the
+    same name registered from two files would be a duplicate)."""
+    folder = tmp_path_factory.getbasetemp() / "plugins-slow-flow"
+    if not (folder / "slow_flow.py").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "slow_flow.py").write_text(SLOW_FLOW_PLUGIN)
     return folder
 
 

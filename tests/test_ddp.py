@@ -111,8 +111,9 @@ def _task(dump: Path | None = None, tag: str = "") -> _Task:
     model = ResidualFlow(in_shape=(2,), n_blocks=2, hidden=[16, 16], estimator=ExactLogDet(), actnorm=True)
     # SGD with momentum: Adam's first steps, lr * g / (|g| + eps), turn the ~1e-16 rounding
     # differences of near-zero gradient entries into ~1e-9 (measured), which says nothing about DDP
-    task = _Task(model, dims=(2,), optimizer=registry.factory("optimizer", {"name": "sgd", "lr": 0.05, "momentum": 0.9}),
-                 picture_every_n_val=0, lipschitz_iterations=1, lipschitz_eval_iterations=5)
+    sgd = registry.factory("optimizer", {"name": "sgd", "lr": 0.05, "momentum": 0.9})
+    task = _Task(model, dims=(2,), optimizer=sgd, picture_every_n_val=0, lipschitz_iterations=1,
+                 lipschitz_eval_iterations=5)
     task.dump, task.tag = dump, tag
     return task.double()
 

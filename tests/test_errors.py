@@ -22,7 +22,7 @@ from run_helpers import ROOT, env, run_args, status, write_plugin
 
 @pytest.fixture(scope="module")
 def plugin_dir(tmp_path_factory):
-    return write_plugin(tmp_path_factory.mktemp("plugins"))
+    return write_plugin(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@
 - SIGKILL after a periodic checkpoint: the stale lock is taken over, the run resumes from
   the checkpoint and ends where the uninterrupted run ends; the steps after the checkpoint
   are lost (and redone);
+- SIGTERM in the middle of a validation: the same exact resume;
 - SIGUSR1 on SLURM with ``requeue: true``: Lightning's requeue (``scontrol requeue``);
 - SIGKILL in the middle of writing a checkpoint: the previous one is still whole.
 
@@ -37,7 +38,7 @@ DELAY = 0.08        # seconds per training step in the interrupted runs
 
 @pytest.fixture(scope="module")
 def plugin_dir(tmp_path_factory):
-    return write_plugin(tmp_path_factory.mktemp("plugins"))
+    return write_plugin(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,31 @@ def test_sigterm_mid_epoch_checkpoints_exits_75_and_resumes_bit_for_bit(plugin_d
           f"max |resumed - uninterrupted| = {diff:.3e}")
     assert diff <= 1e-7
     assert status(out)["status"] == "finished" and status(out)["attempt"] == 2
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_validation_resumes_bit_for_bit(plugin_dir, tmp_path):
+    """The stop can land in a validation (here one of 800 batches, after step 20): the checkpoint
+    holds the training's random stream, not the validation's, and the run still ends exactly."""
+    import time
+
+    import torch
+
+    long_validation = "data.val_size=20000"
+    out, steps_file = tmp_path / "run", tmp_path / "steps.txt"
+    args = run_args(plugin_dir, out, long_validation, steps=STEPS, delay=0.02, steps_file=steps_file)
+    proc = start(args, tmp_path / "log.txt")
+    wait_for(lambda: steps_done(steps_file) >= 20, what="the first epoch")
+    time.sleep(1.0)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 75
+    state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    val = state["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]["current"]["completed"]
+    assert 0 < val < 800 and state["global_step"] == 20  # stopped in the middle of the validation
+    assert run([*args, "ckpt_path=auto"]).returncode == 0
+    reference = tmp_path / "reference"
+    train(load_config(run_args(plugin_dir, reference, long_validation, steps=STEPS)))
+    assert max_difference(out / "checkpoints" / "last.ckpt", reference / "checkpoints" / "last.ckpt") <= 1e-7
 
 
 def test_sigint_checkpoints_exits_130_and_the_printed_command_resumes(plugin_dir, tmp_path, reference):
@@ -144,11 +170,13 @@ def test_sigusr1_on_slurm_requeues_the_job_when_asked(plugin_dir, tmp_path):
     os.kill(proc.pid, signal.SIGUSR1)
     wait_for(lambda: (tmp_path / "sc.log").is_file(), what="scontrol requeue")
     assert (tmp_path / "sc.log").read_text().split() == ["requeue", "4242"]
+    assert list(out.glob("hpc_ckpt_*.ckpt"))  # Lightning's checkpoint before the requeue
     assert proc.poll() is None  # requeueing does not stop the run: SLURM's SIGTERM does
     os.kill(proc.pid, signal.SIGTERM)
     proc.wait(timeout=120)
     assert proc.returncode == 75, (tmp_path / "log.txt").read_text()[-3000:]
     assert checkpoint_step(out / "checkpoints" / "last.ckpt") >= 4
+    assert not list(out.glob("hpc_ckpt_*.ckpt"))  # Lightning's requeue checkpoint: older than last.ckpt
 
 
 def test_sigusr1_without_requeue_stops_like_sigterm(plugin_dir, tmp_path):

@@ -27,7 +27,7 @@ from run_helpers import checkpoint_step, run, run_args, start, status, steps_don
 
 @pytest.fixture(scope="module")
 def plugin_dir(tmp_path_factory):
-    return write_plugin(tmp_path_factory.mktemp("plugins"))
+    return write_plugin(tmp_path_factory)
 
 
 def _snapshot(folder):

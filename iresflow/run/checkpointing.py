@@ -83,7 +83,8 @@ def best_checkpoint(folder: Path, monitor: str, mode: str) -> ModelCheckpoint:
 class CheckpointOnStop(Callback):
     """Write ``path`` when the loops stop for a signal (Lightning raises ``SIGTERMException``
     at the next batch boundary; :mod:`iresflow.run.signals` routes SIGINT and SIGUSR1 there
-    too). Every rank takes part (rank 0 writes); ``saved`` is the path once written."""
+    too). Every rank takes part (rank 0 writes); ``saved`` is the path once written. The
+    checkpoints Lightning's SLURM requeue wrote before (``hpc_ckpt_N.ckpt``) are older: they go."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -95,8 +96,11 @@ class CheckpointOnStop(Callback):
             return
         if not trainer.training and not trainer.validating:  # stopped in a test: training is over and saved
             return
-        trainer.save_checkpoint(str(self.path))
+        trainer.save_checkpoint(str(self.path), weights_only=False)  # the whole state, to resume
         self.saved, self.step = self.path, trainer.global_step
+        if trainer.is_global_zero:  # Lightning's SLURM requeue checkpoints: last.ckpt is later than them
+            for older in Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"):
+                older.unlink()
 
 
 class RandomStates(Callback):

@@ -281,7 +281,8 @@ class _Prepared:
                 trainer.fit(task, datamodule=dm, weights_only=True,
                             ckpt_path=str(self.start.checkpoint) if self.start.checkpoint else None)
                 fit_seconds = time.perf_counter() - start
-                trainer.save_checkpoint(str(folder.last_checkpoint))  # the final state, whatever the schedule
+                # the final state, whatever the schedule (all of it: a longer run may resume it)
+                trainer.save_checkpoint(str(folder.last_checkpoint), weights_only=False)
                 if self.stop.signum is not None:  # a signal the loops did not see: training had just ended
                     raise Stopped(self.stop.signum)
                 metrics = flat_metrics(trainer.callback_metrics)

@@ -54,7 +54,8 @@ class ClassificationTask(IResTask):
         self.label_smoothing = float(label_smoothing)
         self.top_k = int(top_k) if top_k and int(top_k) < self.num_classes else None
         self.check_inverse = bool(check_inverse)
-        self.save_hyperparameters(ignore=["model", "optimizer", "eval_estimator"])  # factories: the run config holds their nodes
+        # the factories stay out: the run config (in every checkpoint) holds their nodes
+        self.save_hyperparameters(ignore=["model", "optimizer", "eval_estimator"])
         metrics: dict[str, nn.Module] = {}
         for stage in ("train", "val", "test"):
             # torchmetrics reduces epoch values across DDP ranks; the per-step training values too

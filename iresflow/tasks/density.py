@@ -89,7 +89,8 @@ class DensityTask(IResTask):
         self.n_samples = int(n_samples)
         self.picture_every_n_val = int(picture_every_n_val)
         self.recon_batch_size = int(recon_batch_size)
-        self.save_hyperparameters(ignore=["model", "optimizer", "eval_estimator"])  # factories: the run config holds their nodes
+        # the factories stay out: the run config (in every checkpoint) holds their nodes
+        self.save_hyperparameters(ignore=["model", "optimizer", "eval_estimator"])
         self._metrics = nn.ModuleDict({
             f"{stage}_{name}": MeanMetric() for stage in ("val", "test") for name in ("nll", "bpd", "recon")
         })
