@@ -168,7 +168,8 @@ def test_sigusr1_on_slurm_requeues_the_job_when_asked(plugin_dir, tmp_path):
     proc = start(args, tmp_path / "log.txt", extra_env=slurm)
     wait_for(lambda: steps_done(steps_file) >= 4 or proc.poll() is not None, what="training steps")
     os.kill(proc.pid, signal.SIGUSR1)
-    wait_for(lambda: (tmp_path / "sc.log").is_file(), what="scontrol requeue")
+    log = tmp_path / "sc.log"
+    wait_for(lambda: log.is_file() and log.read_text().endswith("\n"), what="scontrol requeue")
     assert (tmp_path / "sc.log").read_text().split() == ["requeue", "4242"]
     assert list(out.glob("hpc_ckpt_*.ckpt"))  # Lightning's checkpoint before the requeue
     assert proc.poll() is None  # requeueing does not stop the run: SLURM's SIGTERM does
