@@ -401,3 +401,31 @@ def test_cli_ddp_classifier_on_cpu(tmp_path):
     # 32 test images over 2 ranks: the reduced accuracy is a multiple of 1/32
     assert 0.0 <= metrics["test/acc"] <= 1.0 and (metrics["test/acc"] * 32) == pytest.approx(
         round(metrics["test/acc"] * 32), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_cli_ddp_run_preempted_and_resumed_equals_an_uninterrupted_one(tmp_path_factory, tmp_path):
+    """SIGTERM to a 2-process `iresflow train trainer=ddp` (what SLURM sends): Lightning passes it
+    to the rank it started, both stop at the same step, one checkpoint holds both ranks' random
+    streams; resumed on 2 processes the run ends with the parameters of an uninterrupted one."""
+    import os
+    import signal
+
+    from run_helpers import checkpoint_step, max_difference, run, run_args, start, steps_done, wait_for, write_plugin
+
+    plugins = write_plugin(tmp_path_factory)
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    out, steps_file = tmp_path / "run", tmp_path / "steps.txt"
+    args = run_args(plugins, out, *ddp, steps=30, delay=0.1, steps_file=steps_file)
+    proc = start(args, tmp_path / "log.txt")
+    wait_for(lambda: steps_done(steps_file) >= 8 or proc.poll() is not None, timeout=300, what="training")
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=300) == 75, (tmp_path / "log.txt").read_text()[-3000:]
+    stopped = checkpoint_step(out / "checkpoints" / "last.ckpt")
+    assert 4 <= stopped < 30 and steps_done(steps_file) == 2 * stopped  # both ranks, the same steps
+    assert run([*args, "ckpt_path=auto"], timeout=300).returncode == 0
+    reference = tmp_path / "reference"
+    assert run(run_args(plugins, reference, *ddp, steps=30), timeout=300).returncode == 0
+    diff = max_difference(out / "checkpoints" / "last.ckpt", reference / "checkpoints" / "last.ckpt")
+    print(f"\n[ddp] SIGTERM at step {stopped}; max |resumed - uninterrupted| = {diff:.3e}")
+    assert diff <= 1e-7
