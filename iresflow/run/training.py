@@ -15,6 +15,7 @@ so a start that fails leaves nothing behind that blocks its corrected rerun.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -88,6 +89,21 @@ def _failure_of(metrics: dict[str, float]) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _for_other_ranks(folder: Path, checkpoint: Path | None):
+    """The folder and checkpoint rank 0 chose, in the environment of the ranks Lightning starts."""
+    saved = {key: os.environ.get(key) for key in (RUN_DIR_ENV, RESUME_ENV)}
+    os.environ[RUN_DIR_ENV], os.environ[RESUME_ENV] = str(folder), str(checkpoint or "")
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _has_test(dm) -> bool:
     from lightning.pytorch.utilities.model_helpers import is_overridden
 
@@ -144,10 +160,9 @@ class _Run:
             folder.record_changes(self.attempt, changes)
         prepared.write_logger_files()
         folder.write_status("running", self.attempt, message=f"resume with: {self.resume}")
-        os.environ[RUN_DIR_ENV] = str(folder.path.resolve())
-        os.environ[RESUME_ENV] = str(start.checkpoint or "")
         try:
-            result = prepared.fit_and_test()
+            with _for_other_ranks(folder.path.resolve(), start.checkpoint):
+                result = prepared.fit_and_test()
         except Stopped as stop:
             message = str(stop)
             folder.write_status("interrupted", self.attempt, message, stop.exit_code)
