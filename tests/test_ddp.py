@@ -405,8 +405,8 @@ def test_cli_ddp_classifier_on_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_cli_ddp_run_preempted_and_resumed_equals_an_uninterrupted_one(tmp_path_factory, tmp_path):
-    """SIGTERM to a 2-process `iresflow train trainer=ddp` (what SLURM sends): Lightning passes it
-    to the rank it started, both stop at the same step, one checkpoint holds both ranks' random
+    """SIGTERM to the launching process of a 2-process `iresflow train trainer=ddp`: the ranks agree
+    at the end of the batch, both stop at the same step, one checkpoint holds both ranks' random
     streams; resumed on 2 processes the run ends with the parameters of an uninterrupted one."""
     import os
     import signal
@@ -420,12 +420,15 @@ def test_cli_ddp_run_preempted_and_resumed_equals_an_uninterrupted_one(tmp_path_
     proc = start(args, tmp_path / "log.txt")
     wait_for(lambda: steps_done(steps_file) >= 8 or proc.poll() is not None, timeout=300, what="training")
     os.kill(proc.pid, signal.SIGTERM)
-    assert proc.wait(timeout=300) == 75, (tmp_path / "log.txt").read_text()[-3000:]
+    log = (tmp_path / "log.txt").read_text
+    assert proc.wait(timeout=300) == 75, log()[-3000:]
     stopped = checkpoint_step(out / "checkpoints" / "last.ckpt")
-    assert 4 <= stopped < 30 and steps_done(steps_file) == 2 * stopped  # both ranks, the same steps
-    assert run([*args, "ckpt_path=auto"], timeout=300).returncode == 0
+    assert 4 <= stopped < 30 and steps_done(steps_file) == 2 * stopped, (stopped, steps_done(steps_file), log())
+    resumed = run([*args, "ckpt_path=auto"], timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     reference = tmp_path / "reference"
-    assert run(run_args(plugins, reference, *ddp, steps=30), timeout=300).returncode == 0
+    uninterrupted = run(run_args(plugins, reference, *ddp, steps=30), timeout=300)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     diff = max_difference(out / "checkpoints" / "last.ckpt", reference / "checkpoints" / "last.ckpt")
     print(f"\n[ddp] SIGTERM at step {stopped}; max |resumed - uninterrupted| = {diff:.3e}")
     assert diff <= 1e-7

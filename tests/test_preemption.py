@@ -10,7 +10,7 @@
   the checkpoint and ends where the uninterrupted run ends; the steps after the checkpoint
   are lost (and redone);
 - SIGTERM in the middle of a validation: the same exact resume;
-- SIGUSR1 on SLURM with ``requeue: true``: Lightning's requeue (``scontrol requeue``);
+- SIGUSR1 on SLURM with ``requeue: true``: a checkpoint and ``scontrol requeue``;
 - SIGKILL in the middle of writing a checkpoint: the previous one is still whole.
 
 Measured (printed with ``-s``): the resume difference and the steps lost per fault.
@@ -153,8 +153,8 @@ FAKE_SCONTROL = textwrap.dedent('''\
 
 @pytest.mark.slow
 def test_sigusr1_on_slurm_requeues_the_job_when_asked(plugin_dir, tmp_path):
-    """SLURM's warning signal (``--signal=USR1@90``) with ``requeue: true``: Lightning checkpoints
-    and runs ``scontrol requeue JOBID``; SLURM then ends the job with SIGTERM: exit 75, resumable.
+    """SLURM's warning signal (``--signal=USR1@90``) with ``requeue: true``: a checkpoint at the next
+    batch, ``scontrol requeue JOBID``, exit 75; the requeued job resumes with ckpt_path=auto.
     (SLURM is faked: its environment variables and an ``scontrol`` that records its arguments.)"""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -168,16 +168,13 @@ def test_sigusr1_on_slurm_requeues_the_job_when_asked(plugin_dir, tmp_path):
     proc = start(args, tmp_path / "log.txt", extra_env=slurm)
     wait_for(lambda: steps_done(steps_file) >= 4 or proc.poll() is not None, what="training steps")
     os.kill(proc.pid, signal.SIGUSR1)
-    log = tmp_path / "sc.log"
-    wait_for(lambda: log.is_file() and log.read_text().endswith("\n"), what="scontrol requeue")
+    assert proc.wait(timeout=120) == 75, (tmp_path / "log.txt").read_text()[-3000:]
     assert (tmp_path / "sc.log").read_text().split() == ["requeue", "4242"]
-    assert list(out.glob("hpc_ckpt_*.ckpt"))  # Lightning's checkpoint before the requeue
-    assert proc.poll() is None  # requeueing does not stop the run: SLURM's SIGTERM does
-    os.kill(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=120)
-    assert proc.returncode == 75, (tmp_path / "log.txt").read_text()[-3000:]
-    assert checkpoint_step(out / "checkpoints" / "last.ckpt") >= 4
-    assert not list(out.glob("hpc_ckpt_*.ckpt"))  # Lightning's requeue checkpoint: older than last.ckpt
+    assert checkpoint_step(out / "checkpoints" / "last.ckpt") == steps_done(steps_file)
+    assert not list(out.glob("hpc_ckpt_*.ckpt"))  # one checkpoint: ours
+    resumed = run([*args, "ckpt_path=auto"], extra_env=slurm)  # what the requeued job runs
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (tmp_path / "sc.log").read_text().split() == ["requeue", "4242"]  # no second requeue
 
 
 def test_sigusr1_without_requeue_stops_like_sigterm(plugin_dir, tmp_path):

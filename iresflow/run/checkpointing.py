@@ -6,8 +6,7 @@ a save when a signal stops the run, and the random generators inside every check
   any moment leaves the previous complete file or the new complete file, never half.
 - :func:`periodic_checkpoint`: ``checkpoints/last.ckpt`` every ``checkpoint.every_minutes``
   (or ``every_n_steps``), by Lightning's ``ModelCheckpoint``.
-- :class:`CheckpointOnStop`: when Lightning's loops stop for a signal (its
-  ``SIGTERMException``), the run's state at that batch boundary goes to ``last.ckpt``.
+- the checkpoint when a signal stops the run is written by :mod:`iresflow.run.signals`;
 - :class:`RandomStates`: torch (CPU, every CUDA device), numpy and Python generators of
   every rank are saved with the checkpoint and put back when training resumes, so the
   estimators' Hutchinson probes and Russian-roulette lengths continue the same stream.
@@ -25,11 +24,10 @@ import torch.distributed as dist
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from iresflow.tasks.base import random_state, set_random_state
 
-__all__ = ["AtomicCheckpointIO", "periodic_checkpoint", "best_checkpoint", "CheckpointOnStop", "RandomStates"]
+__all__ = ["AtomicCheckpointIO", "periodic_checkpoint", "best_checkpoint", "RandomStates"]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -78,29 +76,6 @@ def best_checkpoint(folder: Path, monitor: str, mode: str) -> ModelCheckpoint:
     return ModelCheckpoint(dirpath=str(folder), filename="best", monitor=monitor, mode=mode, save_top_k=1,
                            save_last=False, auto_insert_metric_name=False, enable_version_counter=False,
                            save_on_train_epoch_end=False)  # after validations only: they measure "best"
-
-
-class CheckpointOnStop(Callback):
-    """Write ``path`` when the loops stop for a signal (Lightning raises ``SIGTERMException``
-    at the next batch boundary; :mod:`iresflow.run.signals` routes SIGINT and SIGUSR1 there
-    too). Every rank takes part (rank 0 writes); ``saved`` is the path once written. The
-    checkpoints Lightning's SLURM requeue wrote before (``hpc_ckpt_N.ckpt``) are older: they go."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.saved: Path | None = None
-        self.step: int | None = None
-
-    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException) or trainer.sanity_checking:
-            return
-        if not trainer.training and not trainer.validating:  # stopped in a test: training is over and saved
-            return
-        trainer.save_checkpoint(str(self.path), weights_only=False)  # the whole state, to resume
-        self.saved, self.step = self.path, trainer.global_step
-        if trainer.is_global_zero:  # Lightning's SLURM requeue checkpoints: last.ckpt is later than them
-            for older in Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"):
-                older.unlink()
 
 
 class RandomStates(Callback):

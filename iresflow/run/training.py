@@ -228,8 +228,7 @@ class _Prepared:
         from lightning.fabric.plugins.environments import SLURMEnvironment
 
         from iresflow.run.build import build_components, build_logger, set_threads, trainer_kwargs
-        from iresflow.run.checkpointing import (AtomicCheckpointIO, CheckpointOnStop, RandomStates,
-                                                best_checkpoint, periodic_checkpoint)
+        from iresflow.run.checkpointing import AtomicCheckpointIO, RandomStates, best_checkpoint, periodic_checkpoint
         from iresflow.run.resume import check_checkpoint_fits, read_checkpoint
         from iresflow.run.signals import StopSignals
 
@@ -245,11 +244,9 @@ class _Prepared:
                                   self.task.run_config)
         self.logger = build_logger(cfg, folder.path, resuming=start.checkpoint is not None)
         slurm = SLURMEnvironment.detect()
-        requeue = bool(cfg.get("requeue", False)) and slurm
-        self.stop = StopSignals(usr1=not requeue)
-        self.on_stop = CheckpointOnStop(folder.last_checkpoint)
+        self.stop = StopSignals(folder.last_checkpoint, requeue=bool(cfg.get("requeue", False)) and slurm)
         every = cfg.get("checkpoint") or {}
-        callbacks: list[Any] = [self.stop, RandomStates(), self.on_stop,
+        callbacks: list[Any] = [self.stop, RandomStates(),
                                 best_checkpoint(folder.checkpoint_dir, self.task.monitor, self.task.monitor_mode)]
         periodic = periodic_checkpoint(folder.checkpoint_dir, every.get("every_minutes"), every.get("every_n_steps"))
         if periodic is not None:
@@ -259,8 +256,8 @@ class _Prepared:
 
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         plugins: list[Any] = [AtomicCheckpointIO()]
-        if slurm:
-            plugins.append(SLURMEnvironment(auto_requeue=requeue))
+        if slurm:  # ranks from SLURM; requeueing is ours (iresflow.run.signals says why)
+            plugins.append(SLURMEnvironment(auto_requeue=False))
         from lightning.fabric.utilities.exceptions import MisconfigurationException
 
         try:
@@ -307,7 +304,7 @@ class _Prepared:
             except (SIGTERMException, Stopped) as err:
                 self._finish_logger("failed")
                 signum = self.stop.signum or getattr(err, "signum", None) or 15
-                saved = self.on_stop.saved or (folder.last_checkpoint if folder.last_checkpoint.is_file() else None)
+                saved = self.stop.saved or (folder.last_checkpoint if folder.last_checkpoint.is_file() else None)
                 raise Stopped(signum, trainer.global_step, str(saved) if saved else None, self.run.resume) from None
             except BaseException as err:
                 self._finish_logger("failed")
