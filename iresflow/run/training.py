@@ -279,6 +279,9 @@ class _Prepared:
     def fit_and_test(self) -> TrainResult:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+        from iresflow.nn.solvers import ConvergenceError
+        from iresflow.tasks.base import NonFiniteLossError
+
         trainer, task, dm, folder = self.trainer, self.task, self.dm, self.run.folder
         fit_seconds = 0.0
         with self.stop, warnings.catch_warnings():
@@ -311,9 +314,9 @@ class _Prepared:
                 measured = {**flat_metrics(trainer.callback_metrics),
                             "train/skipped_batches": float(task.skipped_batches),
                             "trainer/global_step": float(trainer.global_step)}
-                if isinstance(err, FloatingPointError):  # NonFiniteLossError: what was measured, and why
+                if isinstance(err, NonFiniteLossError):  # what was measured, and why it stopped
                     raise RunFailed(str(err), measured) from err
-                if type(err).__name__ == "ConvergenceError":  # a strict solver (iresflow.nn.solvers)
+                if isinstance(err, ConvergenceError):  # a strict solver
                     raise RunFailed(f"{err} at step {trainer.global_step} (model.solver.strict=true); raise "
                                     "model.solver.max_iter or lower model.coeff", measured) from err
                 raise
