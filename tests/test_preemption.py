@@ -62,6 +62,7 @@ def _interrupt(plugin_dir, tmp_path, sig, after_steps, *extra):
     return out, args, proc, log, steps_file
 
 
+@pytest.mark.slow  # two `iresflow train` processes and a reference run: 12-15 s
 def test_sigterm_mid_epoch_checkpoints_exits_75_and_resumes_bit_for_bit(plugin_dir, tmp_path, reference):
     out, args, proc, log, steps_file = _interrupt(plugin_dir, tmp_path, signal.SIGTERM, 7)
     text = log.read_text()
@@ -110,6 +111,7 @@ def test_sigterm_during_a_validation_resumes_bit_for_bit(plugin_dir, tmp_path):
     assert max_difference(out / "checkpoints" / "last.ckpt", reference / "checkpoints" / "last.ckpt") <= 1e-7
 
 
+@pytest.mark.slow  # two `iresflow train` processes and a reference run: 12-15 s
 def test_sigint_checkpoints_exits_130_and_the_printed_command_resumes(plugin_dir, tmp_path, reference):
     out, args, proc, log, steps_file = _interrupt(plugin_dir, tmp_path, signal.SIGINT, 5)
     text = log.read_text()
@@ -124,6 +126,7 @@ def test_sigint_checkpoints_exits_130_and_the_printed_command_resumes(plugin_dir
     assert max_difference(out / "checkpoints" / "last.ckpt", reference) <= 1e-7
 
 
+@pytest.mark.slow  # two `iresflow train` processes and a reference run: 12-15 s
 def test_sigkill_after_a_periodic_checkpoint_resumes_to_the_uninterrupted_result(plugin_dir, tmp_path, reference):
     """A kill nobody can catch: the periodic checkpoint (every 4 steps here; every 5 minutes by
     default) is what is left, the dead owner's lock is taken over, and the run ends as if never cut."""

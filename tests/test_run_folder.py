@@ -111,12 +111,12 @@ def test_processes_racing_for_a_stale_lock_exactly_one_wins(tmp_path):
         assert not (folder / LOCK_NAME).exists() and not list(folder.iterdir())  # released, no debris
 
 
-def test_a_lock_held_on_another_host_is_respected(plugin_dir, tmp_path):
+def test_a_lock_held_on_another_host_is_respected(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     other = {"host": "node-17", "pid": 123, "pid_start": None, "started": "2026-01-01T00:00:00", "token": "x"}
     (out / LOCK_NAME).write_text(json.dumps(other))
-    proc = run(run_args(plugin_dir, out), timeout=60)
+    proc = run([f"output_dir={out}", "logger=none"], timeout=60)
     assert proc.returncode == 73
     assert "pid 123 on node-17" in proc.stderr and f"delete {out / LOCK_NAME}" in proc.stderr
 
