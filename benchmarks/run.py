@@ -37,6 +37,7 @@ BENCHMARKS = {
     "estimator": "benchmarks.estimator",
     "lipschitz": "benchmarks.lipschitz",
     "cifar": "benchmarks.cifar",
+    "checkpoint": "benchmarks.checkpoint",
 }
 SCHEMA_VERSION = 1
 

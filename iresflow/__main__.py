@@ -1,5 +1,5 @@
 """``python -m iresflow ...`` is the ``iresflow`` command."""
 
-from iresflow.cli import main
+from iresflow.run.commands import main
 
 raise SystemExit(main())

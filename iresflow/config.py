@@ -14,7 +14,9 @@ top level). Command-line overrides come in three forms:
 - ``+a.b=value`` adds a new key.
 
 Values are parsed like YAML (numbers, ``true``/``false``, ``null``, ``[lists]``),
-with ``1e-3`` read as a number. Setting the ``name`` of a component node
+with ``1e-3`` read as a number, and checked against the key's type
+(:mod:`iresflow.schema`: ``model.coeff=abc`` is an error here, before anything is
+built or imported). Setting the ``name`` of a component node
 (``model.estimator.name=power_series``, or the shorthand
 ``model.estimator=power_series``) switches the component and keeps only the
 node's parameters that the new component accepts.
@@ -33,6 +35,8 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from iresflow import schema
 
 __all__ = [
     "ConfigError",
@@ -149,7 +153,7 @@ def _defaults_list(cfg: DictConfig, where: str) -> dict[str, str | None]:
 # --------------------------------------------------------------------------- overrides
 
 class _Override:
-    __slots__ = ("text", "key", "value", "add", "delete")
+    __slots__ = ("text", "key", "value", "raw", "add", "delete")
 
     def __init__(self, text: str):
         self.text = text
@@ -157,12 +161,12 @@ class _Override:
         self.delete = text.startswith("~")
         body = text[1:] if (self.add or self.delete) else text
         if self.delete:
-            self.key, self.value = body.split("=", 1)[0], None
+            self.key, self.value, self.raw = body.split("=", 1)[0], None, None
         else:
             if "=" not in body:
                 raise ConfigError(f"bad override {text!r}: expected key=value, group=name or +key=value")
-            self.key, raw = body.split("=", 1)
-            self.value = parse_value(raw)
+            self.key, self.raw = body.split("=", 1)
+            self.value = parse_value(self.raw)
         if not self.key or any(not part for part in self.key.split(".")):
             raise ConfigError(f"bad override {text!r}: empty key")
 
@@ -182,6 +186,9 @@ def _all_keys(node: Any, prefix: str = "") -> list[str]:
 
 
 def _unknown_key(cfg: DictConfig, key: str) -> ConfigError:
+    if key in schema.RENAMED:
+        return ConfigError(f"{key} is now {schema.RENAMED[key]}: the optimiser is a component node "
+                           f"(task.optimizer: {{name: adam, lr: ...}}); set {schema.RENAMED[key]}=...")
     keys = _all_keys(cfg)
     hint = _suggest(key, keys)
     if not hint:  # a typo in the last part only: compare with the siblings' full names
@@ -286,19 +293,28 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str], *, allow_groups: 
                 and _kind_of(o.key):
             _switch_component(cfg, o.key, o.value)  # shorthand: model.estimator=power_series
             continue
-        OmegaConf.update(cfg, o.key, o.value, merge=False, force_add=True)
+        if isinstance(current, (DictConfig, ListConfig)):
+            current = OmegaConf.to_container(current, resolve=True)
+        OmegaConf.update(cfg, o.key, _typed(o, current, has_default=exists and not o.add), merge=False,
+                         force_add=True)
     return cfg
+
+
+def _typed(o: _Override, default: Any, has_default: bool) -> Any:
+    """The override's value, checked against what its key takes (:mod:`iresflow.schema`)."""
+    key = o.key
+    if key.startswith("trainer.") and key.split(".", 1)[1] in schema.TRAINER_SET_BY_IRESFLOW:
+        what = schema.TRAINER_SET_BY_IRESFLOW[key.split(".", 1)[1]]
+        raise ConfigError(f"{key} is set by iresflow; use {what} instead")
+    try:
+        return schema.check_value(key, o.value, schema.accepts_for(key, default, has_default), o.raw)
+    except ValueError as err:
+        raise ConfigError(f"{o.text!r}: {err}") from None
 
 
 def _is_trainer_argument(key: str) -> bool:
     parts = key.split(".")
-    if len(parts) != 2 or parts[0] != "trainer":
-        return False
-    import inspect
-
-    from lightning.pytorch import Trainer
-
-    return parts[1] in inspect.signature(Trainer.__init__).parameters and parts[1] != "self"
+    return len(parts) == 2 and parts[0] == "trainer" and parts[1] in schema.TRAINER_ARGUMENTS
 
 
 def _key_exists(cfg: DictConfig, key: str) -> bool:
@@ -378,8 +394,27 @@ def validate(cfg: DictConfig) -> None:
         node = cfg[key]
         if not isinstance(node, DictConfig) or "name" not in node:
             raise ConfigError(f"config node {key!r} needs a 'name' key")
-    if cfg.get("ckpt_path") not in (None, "last") and not isinstance(cfg.get("ckpt_path"), str):
-        raise ConfigError(f"ckpt_path must be null, 'last' or a path, not {cfg.ckpt_path!r}")
+    if cfg.get("ckpt_path") is not None and not isinstance(cfg.get("ckpt_path"), str):
+        raise ConfigError(f"ckpt_path must be null, auto, last or a path, not {cfg.ckpt_path!r}")
+    trainer = cfg.get("trainer")
+    if isinstance(trainer, DictConfig):
+        for key in trainer.keys():
+            if key not in schema.TRAINER_ARGUMENTS:
+                raise ConfigError(f"trainer.{key} is not a lightning Trainer argument."
+                                  f"{_suggest(str(key), schema.TRAINER_ARGUMENTS)}")
+    for key in _all_keys(cfg):  # the keys with declared types, wherever their value came from
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, (DictConfig, ListConfig)):
+            value = OmegaConf.to_container(value, resolve=True)
+        accepts = schema.accepts_for(key)
+        if key.startswith("trainer.") and key.split(".", 1)[1] in schema.TRAINER_SET_BY_IRESFLOW:
+            raise ConfigError(f"{key} is set by iresflow; use "
+                              f"{schema.TRAINER_SET_BY_IRESFLOW[key.split('.', 1)[1]]} instead")
+        if accepts is not None:
+            try:
+                schema.check_value(key, value, accepts)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
 
 
 def to_yaml(cfg: DictConfig) -> str:

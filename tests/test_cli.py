@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from iresflow.cli import RunDirError, evaluate, main, sample, train
+from iresflow.cli import main
+from iresflow.run import RunDirError, evaluate, sample, train
 from iresflow.config import load_config
 
 # A tiny real 2D flow (exact log-det), registered by a plugin file: it also exercises the
@@ -67,7 +68,7 @@ def test_sweep_command_dry_run(tmp_path, capsys):
 
 
 def test_rank_from_the_launchers_environment(monkeypatch):
-    from iresflow.cli import _rank
+    from iresflow.run.paths import rank as _rank
 
     for var in ("RANK", "SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "LOCAL_RANK", "NODE_RANK",
                 "GROUP_RANK", "LOCAL_WORLD_SIZE"):
@@ -113,16 +114,17 @@ def test_missing_data_names_the_files(tmp_path, capsys):
     code = main(["train", "experiment=mnist_classify", f"data.root={tmp_path}", "logger=none",
                  f"output_dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err
-    assert code == 1
+    assert code == 2 and len(err.strip().splitlines()) == 1  # bad input: one line
     assert "train-images-idx3-ubyte" in err and str(tmp_path) in err
+    assert not (tmp_path / "run").exists()  # a failed start leaves nothing behind
 
 
 # --------------------------------------------------------------------------- the run folder
 
 def test_train_writes_the_run_folder_resumes_and_refuses(plugin_dir, tmp_path):
     out = tmp_path / "run"
-    metrics = train(load_config(_tiny_toy(plugin_dir, out)))
-    for name in ("config.yaml", "metrics.json", "checkpoints/last.ckpt", "density.png"):
+    metrics = train(load_config(_tiny_toy(plugin_dir, out))).metrics
+    for name in ("config.yaml", "metrics.json", "status.json", "checkpoints/last.ckpt", "density.png"):
         assert (out / name).is_file(), name
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk["trainer/global_step"] == 4 == metrics["trainer/global_step"]
@@ -131,19 +133,24 @@ def test_train_writes_the_run_folder_resumes_and_refuses(plugin_dir, tmp_path):
     assert "output_dir: " + str(out) in (out / "config.yaml").read_text()
 
     # a second fresh run into the same folder is refused ...
-    with pytest.raises(RunDirError, match="ckpt_path=last"):
+    with pytest.raises(RunDirError, match="ckpt_path=auto"):
         train(load_config(_tiny_toy(plugin_dir, out)))
-    # ... resuming continues from the saved step
-    metrics = train(load_config(_tiny_toy(plugin_dir, out, "ckpt_path=last", "trainer.max_steps=8")))
+    # ... resuming for more steps is a change of settings, asked for and recorded
+    config_before = (out / "config.yaml").read_text()
+    metrics = train(load_config(_tiny_toy(plugin_dir, out, "ckpt_path=last", "trainer.max_steps=8",
+                                          "resume_changes=allow"))).metrics
     assert metrics["trainer/global_step"] == 8
+    assert (out / "config.yaml").read_text() == config_before
+    assert "trainer.max_steps" in (out / "changes.yaml").read_text()
     import csv
 
     rows = list(csv.DictReader(open(out / "csv" / "version_1" / "metrics.csv")))
     steps = [int(r["step"]) for r in rows if r.get("train/nll")]
     assert steps and min(steps) >= 4  # the resumed run logged steps 4.. only
     # overwrite=true replaces the folder
-    metrics = train(load_config(_tiny_toy(plugin_dir, out, "overwrite=true")))
+    metrics = train(load_config(_tiny_toy(plugin_dir, out, "overwrite=true"))).metrics
     assert metrics["trainer/global_step"] == 4 and not (out / "csv" / "version_1").exists()
+    assert not (out / "changes.yaml").exists()
 
 
 def test_ckpt_path_last_without_output_dir_finds_the_newest_run(plugin_dir, tmp_path, monkeypatch):
@@ -151,7 +158,8 @@ def test_ckpt_path_last_without_output_dir_finds_the_newest_run(plugin_dir, tmp_
     args = [a for a in _tiny_toy(plugin_dir, "x") if not a.startswith("output_dir")]
     train(load_config([*args, "name=findme"]))
     (run,) = list((tmp_path / "runs" / "findme").iterdir())
-    metrics = train(load_config([*args, "name=findme", "ckpt_path=last", "trainer.max_steps=6"]))
+    metrics = train(load_config([*args, "name=findme", "ckpt_path=last", "trainer.max_steps=6",
+                                 "resume_changes=allow"])).metrics
     assert metrics["trainer/global_step"] == 6
     assert list((tmp_path / "runs" / "findme").iterdir()) == [run]
 
@@ -174,7 +182,7 @@ def test_wandb_offline_run_holds_the_metrics_and_resumes_the_same_run(plugin_dir
     for key in keys:
         assert key in data, key
     assert list((run_dir / "files" / "media" / "images").rglob("*.png"))
-    train(load_config([*base, "ckpt_path=last", "trainer.max_steps=6"]))
+    train(load_config([*base, "ckpt_path=last", "trainer.max_steps=6", "resume_changes=allow"]))
     assert (out / "wandb_run_id.txt").read_text().strip() == run_id
     assert len(list((out / "wandb").glob(f"offline-run-*-{run_id}"))) >= 1
     assert not [p for p in (out / "wandb").glob("offline-run-*") if not p.name.endswith(run_id)]
@@ -184,15 +192,15 @@ def test_eval_and_sample_commands(plugin_dir, tmp_path, capsys):
     out = tmp_path / "run"
     train(load_config(_tiny_toy(plugin_dir, out)))
     ckpt = out / "checkpoints" / "last.ckpt"
-    metrics = evaluate(str(ckpt))
-    assert "test/nll" in metrics and (out / "eval_last.json").is_file()
+    result = evaluate(str(ckpt))
+    assert "test/nll" in result.metrics and result.path == out / "eval_last.json" and result.path.is_file()
     assert main(["eval", f"ckpt={ckpt}", f"out={tmp_path / 'e.json'}", "data.test_size=50"]) == 0
     assert "test/nll" in json.loads((tmp_path / "e.json").read_text())
     path = sample(str(ckpt), 100)
     assert path.is_file() and path.suffix == ".png"
     assert main(["sample", f"ckpt={ckpt}", "n=16", f"out={tmp_path / 's.png'}"]) == 0
     assert (tmp_path / "s.png").is_file()
-    assert main(["eval", f"ckpt={tmp_path / 'nope.ckpt'}"]) == 1
+    assert main(["eval", f"ckpt={tmp_path / 'nope.ckpt'}"]) == 2
 
 
 # --------------------------------------------------------------------------- real models
@@ -217,7 +225,7 @@ def test_every_experiment_runs_a_few_steps_on_cpu(experiment, tmp_path):
         extra = ["data=fake", f"data.image_size=[{channels}, 8, 8]", f"data.num_classes={n_classes}",
                  "data.size=8", "data.val_size=4", "data.test_size=4", "data.batch_size=4"]
         extra += TINY_CLASSIFIER if "classify" in experiment else [*TINY_FLOW_IMAGE, "task.n_samples=4"]
-    metrics = train(load_config(common + extra))
+    metrics = train(load_config(common + extra)).metrics
     assert metrics["trainer/global_step"] == 2
     key = "test/acc" if "classify" in experiment else ("test/nll" if "toy" in experiment else "test/bpd")
     assert key in metrics and metrics[key] == metrics[key]  # present and not NaN

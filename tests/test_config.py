@@ -1,5 +1,7 @@
 """Config composition and overrides: groups, experiments, keys, errors that suggest."""
 
+import re
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -36,16 +38,17 @@ def test_every_group_file_and_experiment_composes():
 def test_experiment_sets_groups_and_command_line_groups_win():
     cfg = load_config(["experiment=mnist_classify"])
     assert (cfg.data.name, cfg.model.name, cfg.task.name) == ("mnist", "iresnet_classifier", "classification")
-    assert cfg.task.optimizer == "sgd" and cfg.task.lr == 0.1 and cfg.task.gamma == 0.2
+    assert cfg.task.optimizer.name == "sgd" and cfg.task.optimizer.lr == 0.1 and cfg.task.gamma == 0.2
+    assert cfg.task.optimizer.momentum == 0.9  # from the task group, merged under the experiment's node
     cfg = load_config(["experiment=mnist_classify", "data=fake", "logger=none"])
     assert cfg.data.name == "fake" and cfg.logger.name == "none"
     assert cfg.data.batch_size == 128  # the experiment's body still applies
 
 
 def test_key_overrides_and_value_parsing():
-    cfg = load_config(["model.coeff=0.5", "task.lr=1e-3", "trainer.max_steps=5",
+    cfg = load_config(["model.coeff=0.5", "task.optimizer.lr=1e-3", "trainer.max_steps=5",
                        "seed=3", "model.hidden=[8, 8]", "trainer.devices=2", "+task.extra=null"])
-    assert cfg.model.coeff == 0.5 and cfg.task.lr == 1e-3 and isinstance(cfg.task.lr, float)
+    assert cfg.model.coeff == 0.5 and cfg.task.optimizer.lr == 1e-3 and isinstance(cfg.task.optimizer.lr, float)
     assert cfg.trainer.max_steps == 5 and cfg.seed == 3 and list(cfg.model.hidden) == [8, 8]
     assert load_config(["data=mnist", "data.root=/tmp/x"]).data.root == "/tmp/x"
     assert "extra" in cfg.task and cfg.task.extra is None
@@ -129,3 +132,61 @@ def test_config_dir_env(tmp_path, monkeypatch):
     assert config_dir() == tmp_path
     with pytest.raises(ConfigError, match="no data config"):
         load_config([])
+
+
+# --------------------------------------------------------------------------- typed values
+
+def test_values_are_checked_against_their_keys_types():
+    from iresflow.config import ConfigError
+
+    cfg = load_config(["model.coeff=1", "trainer.limit_val_batches=0.5", "model.hidden=16", "threads=2",
+                       "task.eval_estimator=exact", "data=mnist", "data.root=2024", "data.val_split=0.1"])
+    assert cfg.model.coeff == 1.0 and isinstance(cfg.model.coeff, float)   # an int where a float goes
+    assert cfg.data.root == "2024" and cfg.data.val_split == 0.1           # text kept as typed; a fraction
+    assert cfg.trainer.limit_val_batches == 0.5 and cfg.model.hidden == 16 and cfg.threads == 2
+    for override, message in [("model.coeff=abc", "model.coeff takes a number, not the text 'abc'"),
+                              ("trainer.max_steps=ten", "trainer.max_steps takes a whole number"),
+                              ("trainer.max_steps=1.5", "trainer.max_steps takes a whole number, not 1.5"),
+                              ("model.actnorm=3", "model.actnorm takes true or false"),
+                              ("data.batch_size=[1]", "takes a whole number"),
+                              ("model.hidden=abc", "model.hidden takes a whole number or a list"),
+                              ("checkpoint=5", "checkpoint takes a mapping"),
+                              ("trainer.logger=true", "trainer.logger is set by iresflow")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config([override])
+
+
+def test_experiment_files_are_typed_too(tmp_path, monkeypatch):
+    import shutil
+
+    from iresflow.config import ConfigError
+
+    root = tmp_path / "configs"
+    shutil.copytree(config_dir(), root)
+    (root / "experiment" / "bad.yaml").write_text("trainer:\n  max_steps: lots\n")
+    with pytest.raises(ConfigError, match="trainer.max_steps takes a whole number"):
+        load_config(["experiment=bad"], root=root)
+    (root / "experiment" / "bad.yaml").write_text("trainer:\n  max_stepz: 3\n")
+    with pytest.raises(ConfigError, match="trainer.max_stepz is not a lightning Trainer argument.*max_steps"):
+        load_config(["experiment=bad"], root=root)
+
+
+def test_the_trainer_table_matches_lightning():
+    """iresflow.schema knows Trainer's arguments without importing Lightning; it must know all of them."""
+    import inspect
+
+    from lightning.pytorch import Trainer
+
+    from iresflow.schema import TRAINER_ARGUMENTS
+
+    assert set(TRAINER_ARGUMENTS) == set(inspect.signature(Trainer.__init__).parameters) - {"self"}
+
+
+def test_renamed_optimizer_keys_say_where_they_went():
+    from iresflow.config import ConfigError
+
+    for key in ("lr", "weight_decay", "momentum", "betas", "nesterov"):
+        with pytest.raises(ConfigError, match=f"task.{key} is now task.optimizer.{key}"):
+            load_config([f"task.{key}=1"])
+    cfg = load_config(["task.optimizer=sgd"])  # switching the optimiser keeps what SGD accepts
+    assert dict(cfg.task.optimizer) == {"name": "sgd", "lr": 3e-3, "weight_decay": 0.0}

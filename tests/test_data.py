@@ -135,7 +135,9 @@ def test_toy_datamodule_stream_and_fixed_sets():
     assert dm.dims == (2,) and dm.data_kind == "vector" and dm.num_classes == 4
     dm.setup("fit")
     loader = dm.train_dataloader()
-    epoch1, epoch2 = list(loader), list(loader)
+    epoch1 = list(loader)
+    loader.sampler.set_epoch(1)  # what Lightning does at every epoch start
+    epoch2 = list(loader)
     assert len(loader) == len(epoch1) == 4                      # ceil(200 / 64) whole batches
     assert all(x.shape == (64, 2) and y.shape == (64,) for x, y in epoch1)
     assert not torch.equal(epoch1[0][0], epoch2[0][0])          # fresh samples each epoch
@@ -169,6 +171,69 @@ def test_toy_training_runs_by_max_steps(tmp_path):
                          default_root_dir=tmp_path)
     trainer.fit(Fit(), datamodule=dm)
     assert trainer.global_step == 5 and trainer.current_epoch >= 2   # crossed epochs of 2 batches
+
+
+# --------------------------------------------------------------------------- resumable training data
+def _loaders(kind, workers=0):
+    if kind == "toy":
+        dm = Toy2DDataModule("moons", batch_size=8, train_size=56, seed=3, num_workers=workers)
+    else:
+        task = "density" if kind == "fake-density" else "classification"
+        # density with flips (augment) and uniform noise; classification with crops and flips
+        dm = FakeDataModule(image_size=(3, 8, 8), size=44, batch_size=8, task=task, augment=True, seed=5,
+                            num_workers=workers)
+    dm.setup("fit")
+    return dm
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("kind, workers", [("toy", 0), ("fake-density", 0), ("fake-classification", 0),
+                                           ("toy", 2), ("fake-density", 2)])
+def test_training_loaders_resume_in_the_middle_of_an_epoch(kind, workers):
+    """A loader stopped after k batches and restored from its state_dict hands out exactly the rest of
+    the epoch the uninterrupted loader hands out; its draws leave torch's global stream alone."""
+    dm = _loaders(kind, workers)
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(2)
+    before = torch.get_rng_state()
+    full = list(loader)
+    assert torch.equal(torch.get_rng_state(), before)  # noise, augmentation, order: own generators
+    stopped = dm.train_dataloader()
+    stopped.sampler.set_epoch(2)
+    it = iter(stopped)
+    first = [next(it) for _ in range(3)]
+    state = stopped.state_dict()
+    assert state == {"epoch": 2, "batches": 3, "world_size": 1}
+    resumed = _loaders(kind, workers).train_dataloader()  # a new process: a new datamodule and loader
+    resumed.load_state_dict(state)
+    assert _same(first + list(resumed), full)
+    assert len(resumed) == len(full)  # the epoch's length is unchanged (Lightning counts on it)
+    # a state saved at the end of the epoch resumes with the next one, which draws anew
+    after_epoch = _loaders(kind, workers).train_dataloader()
+    after_epoch.load_state_dict({"epoch": 2, "batches": len(full), "world_size": 1})
+    nxt = list(after_epoch)
+    assert after_epoch.sampler.epoch == 3 and len(nxt) == len(full) and not torch.equal(nxt[0][0], full[0][0])
+    loader.sampler.set_epoch(3)
+    assert _same(list(loader), nxt)
+
+
+def test_image_training_loader_splits_every_epoch_among_ranks():
+    """Under DDP each rank draws its own share of every epoch; together they are the epoch."""
+    from iresflow.data.resumable import EpochSampler
+
+    dm = FakeDataModule(image_size=(1, 4, 4), size=24, batch_size=4, task="classification", seed=1)
+    dm.setup("fit")
+    ranks = [EpochSampler(dm.train_set, shuffle=True, seed=1, rank=r, world_size=2) for r in range(2)]
+    for epoch in (0, 1):
+        for sampler in ranks:
+            sampler.set_epoch(epoch)
+        parts = [[key.index for key in sampler] for sampler in ranks]
+        assert len(parts[0]) == len(parts[1]) == 12 and sorted(parts[0] + parts[1]) == list(range(24))
+        assert all(key.epoch == epoch for sampler in ranks for key in sampler)
+    assert parts[0] != [key.index for key in EpochSampler(dm.train_set, shuffle=True, seed=1, world_size=2)]
 
 
 # --------------------------------------------------------------------------- MNIST
@@ -239,6 +304,25 @@ def test_mnist_midpoint_eval(tmp_path):
     dm.setup("test")
     t, _ = next(iter(dm.test_dataloader()))
     assert torch.allclose(t, (ref["t10k"][0][:8].float().unsqueeze(1) + 0.5) / 256)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_truncated_mnist_file_is_named(tmp_path, gz):
+    """A download cut short: the error names the damaged file and what to do, in one line."""
+    from iresflow.data.images import DataFileError
+
+    _make_mnist(tmp_path, gz=gz)
+    name = "train-images-idx3-ubyte" + (".gz" if gz else "")
+    path = tmp_path / "MNIST" / "raw" / name
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataFileError) as info:
+        MNISTDataModule(root=str(tmp_path)).setup("fit")
+    msg = str(info.value)
+    assert str(path) in msg and "replace it" in msg and "\n" not in msg
+    assert ("truncated" in msg) or gz
+    if not gz:
+        assert not (tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte.part").exists()
 
 
 def test_mnist_missing_files_message(tmp_path):

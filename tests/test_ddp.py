@@ -33,9 +33,11 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
-from iresflow.cli import build_components, build_strategy
+from iresflow import registry
 from iresflow.config import load_config
-from iresflow.data.toy2d import ToyStream, sample_toy2d
+from iresflow.data.resumable import EpochSampler
+from iresflow.data.toy2d import ToyBatches, sample_toy2d
+from iresflow.run.build import build_components, build_strategy
 from iresflow.models.flow import ResidualFlow
 from iresflow.nn.logdet import ExactLogDet
 from iresflow.tasks import DensityTask
@@ -109,8 +111,9 @@ def _task(dump: Path | None = None, tag: str = "") -> _Task:
     model = ResidualFlow(in_shape=(2,), n_blocks=2, hidden=[16, 16], estimator=ExactLogDet(), actnorm=True)
     # SGD with momentum: Adam's first steps, lr * g / (|g| + eps), turn the ~1e-16 rounding
     # differences of near-zero gradient entries into ~1e-9 (measured), which says nothing about DDP
-    task = _Task(model, dims=(2,), optimizer="sgd", lr=0.05, momentum=0.9, picture_every_n_val=0,
-                 lipschitz_iterations=1, lipschitz_eval_iterations=5)
+    sgd = registry.factory("optimizer", {"name": "sgd", "lr": 0.05, "momentum": 0.9})
+    task = _Task(model, dims=(2,), optimizer=sgd, picture_every_n_val=0, lipschitz_iterations=1,
+                 lipschitz_eval_iterations=5)
     task.dump, task.tag = dump, tag
     return task.double()
 
@@ -292,21 +295,31 @@ def test_every_parameter_gets_a_gradient(overrides, monkeypatch):
 
 # --------------------------------------------------------------------------- toy data per rank
 
+def _toy_epoch(n_batches: int, rank: int = 0, world: int = 1, epoch: int = 0) -> list:
+    batches = ToyBatches("moons", batch_size=8, n_batches=n_batches, seed=3)
+    sampler = EpochSampler(batches, shuffle=False, seed=3, rank=rank, world_size=world)
+    sampler.set_epoch(epoch)
+    return [batches[key] for key in sampler]
+
+
 def test_toy_stream_gives_every_rank_its_own_points():
-    single = list(ToyStream("moons", batch_size=8, n_batches=6, seed=3))
-    ranks = [list(ToyStream("moons", batch_size=8, n_batches=6, seed=3, rank=r, world_size=2)) for r in range(2)]
-    assert len(ranks[0]) == len(ranks[1]) == 3 == len(ToyStream("moons", 8, 6, rank=1, world_size=2))
+    single = _toy_epoch(6)
+    ranks = [_toy_epoch(6, rank=r, world=2) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 3
     # different points on the two ranks; together exactly the batches one process draws
     assert not torch.equal(ranks[0][0][0], ranks[1][0][0])
     together = [b for pair in zip(*ranks) for b in pair]
     assert all(torch.equal(a[0], b[0]) for a, b in zip(together, single))
     # uneven: every rank still yields the same number of batches
-    assert [len(ToyStream("moons", 8, 5, rank=r, world_size=2)) for r in range(2)] == [3, 3]
+    assert [len(_toy_epoch(5, rank=r, world=2)) for r in range(2)] == [3, 3]
+    # and the next epoch draws new points
+    assert not torch.equal(_toy_epoch(6, epoch=1)[0][0], single[0][0])
 
 
 def test_ddp_trainer_configs():
-    from iresflow.cli import _trainer_kwargs
     from lightning.pytorch.strategies import DDPStrategy
+
+    from iresflow.run.build import trainer_kwargs as _trainer_kwargs
 
     for name in ("ddp", "multinode"):
         kw = _trainer_kwargs(load_config([f"trainer={name}", "trainer.accelerator=gpu"]))
@@ -352,11 +365,17 @@ def test_cli_ddp_run_writes_once_and_resumes_on_one_device(tmp_path):
     assert (out / "checkpoints" / "last.ckpt").is_file() and (out / "density.png").is_file()
     assert sorted(p.name for p in (out / "csv").iterdir()) == ["version_0"]  # one logger, rank 0's
     assert list(tmp_path.iterdir()) == [out]
+    # the ranks Lightning started were part of rank 0's ownership, not refused by its lock
+    status = json.loads((out / "status.json").read_text())
+    assert status["status"] == "finished" and not (out / ".lock").exists()
+    # on one device, for more steps: a change of settings, asked for and recorded
     proc = subprocess.run([sys.executable, "-m", "iresflow", "train", "trainer=cpu", "trainer.max_steps=6",
-                           "ckpt_path=last", *common], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+                           "ckpt_path=auto", "resume_changes=allow", *common], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert json.loads((out / "metrics.json").read_text())["trainer/global_step"] == 6
+    assert "trainer.devices" in (out / "changes.yaml").read_text()
+    assert json.loads((out / "status.json").read_text())["attempt"] == 2
 
 
 @pytest.mark.slow
@@ -382,3 +401,34 @@ def test_cli_ddp_classifier_on_cpu(tmp_path):
     # 32 test images over 2 ranks: the reduced accuracy is a multiple of 1/32
     assert 0.0 <= metrics["test/acc"] <= 1.0 and (metrics["test/acc"] * 32) == pytest.approx(
         round(metrics["test/acc"] * 32), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_cli_ddp_run_preempted_and_resumed_equals_an_uninterrupted_one(tmp_path_factory, tmp_path):
+    """SIGTERM to the launching process of a 2-process `iresflow train trainer=ddp`: the ranks agree
+    at the end of the batch, both stop at the same step, one checkpoint holds both ranks' random
+    streams; resumed on 2 processes the run ends with the parameters of an uninterrupted one."""
+    import os
+    import signal
+
+    from run_helpers import checkpoint_step, max_difference, run, run_args, start, steps_done, wait_for, write_plugin
+
+    plugins = write_plugin(tmp_path_factory)
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    out, steps_file = tmp_path / "run", tmp_path / "steps.txt"
+    args = run_args(plugins, out, *ddp, steps=30, delay=0.1, steps_file=steps_file)
+    proc = start(args, tmp_path / "log.txt")
+    wait_for(lambda: steps_done(steps_file) >= 8 or proc.poll() is not None, timeout=300, what="training")
+    os.kill(proc.pid, signal.SIGTERM)
+    log = (tmp_path / "log.txt").read_text
+    assert proc.wait(timeout=300) == 75, log()[-3000:]
+    stopped = checkpoint_step(out / "checkpoints" / "last.ckpt")
+    assert 4 <= stopped < 30 and steps_done(steps_file) == 2 * stopped, (stopped, steps_done(steps_file), log())
+    resumed = run([*args, "ckpt_path=auto"], timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reference = tmp_path / "reference"
+    uninterrupted = run(run_args(plugins, reference, *ddp, steps=30), timeout=300)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    diff = max_difference(out / "checkpoints" / "last.ckpt", reference / "checkpoints" / "last.ckpt")
+    print(f"\n[ddp] SIGTERM at step {stopped}; max |resumed - uninterrupted| = {diff:.3e}")
+    assert diff <= 1e-7

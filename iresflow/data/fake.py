@@ -39,6 +39,9 @@ class FakeDataModule(ImageDataModule):
             raise ValueError(f"image_size must be (C, H, W), not {image_size}")
         self.dims = image_size
         self.num_classes = int(num_classes)
+        for key, value in (("size", size), ("val_size", val_size), ("test_size", test_size)):
+            if int(value) < 1:
+                raise ValueError(f"fake: {key} must be at least 1, got {value}")
         self.size, self.val_size, self.test_size = int(size), int(val_size), int(test_size)
         self.mean = (0.5,) * image_size[0]
         self.std = (0.5,) * image_size[0]

@@ -41,7 +41,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -50,10 +50,13 @@ from torchvision import datasets as tvd
 from torchvision import transforms as T
 from torchvision.datasets.utils import check_integrity, extract_archive
 
+from iresflow.data.resumable import Draw, EpochSampler, ResumableLoader, draw_seed
 from iresflow.registry import register
 
 __all__ = [
     "bits_per_dim",
+    "DataFileError",
+    "check_idx_file",
     "Dequantized",
     "ImageDataModule",
     "MNISTDataModule",
@@ -79,9 +82,15 @@ class Dequantized(Dataset):
 
     ``transform`` maps the base item's image to a tensor; with ``dequantize`` that
     tensor must hold integer pixel values (``PILToTensor``) and becomes
-    ``(pixel + u) / 2^n_bits``: ``"uniform"`` draws ``u`` afresh each time (training),
+    ``(pixel + u) / 2^n_bits``: ``"uniform"`` draws ``u`` afresh for every draw (training),
     ``"fixed"`` draws it from a generator seeded by ``(seed, index)`` (the same
     noise at every evaluation), ``"midpoint"`` uses ``u = 0.5``.
+
+    A training item is asked for by a :class:`~iresflow.data.resumable.Draw` key
+    ``(epoch, index)``: its noise and its random augmentation are then drawn from a
+    generator seeded by ``(seed, epoch, index)``, so they differ every epoch, do not touch
+    torch's global random stream, and come back identically in a resumed epoch. A plain
+    integer index draws them from torch's global stream.
     """
 
     def __init__(self, base: Dataset, indices: Sequence[int] | None = None,
@@ -96,7 +105,14 @@ class Dequantized(Dataset):
     def __len__(self) -> int:
         return len(self.base) if self.indices is None else len(self.indices)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: Draw | int):
+        if isinstance(key, Draw):
+            with torch.random.fork_rng(devices=[]):  # the item's own stream; the global one is untouched
+                torch.manual_seed(draw_seed(self.seed, key.epoch, key.index))
+                return self._item(key.index)
+        return self._item(int(key))
+
+    def _item(self, i: int):
         index = i if self.indices is None else self.indices[i]
         img, target = self.base[index]
         x = self.transform(img) if self.transform is not None else img
@@ -149,6 +165,9 @@ class ImageDataModule(LightningDataModule):
                              f"not {eval_dequantization!r}")
         if val_split < 0:
             raise ValueError(f"val_split must be >= 0, not {val_split}")
+        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or batch_size)):
+            if int(value) < 1:
+                raise ValueError(f"{key} must be at least 1, got {value}")
         self.task = task
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
@@ -211,10 +230,16 @@ class ImageDataModule(LightningDataModule):
 
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         assert dataset is not None, "call setup() first"
-        return DataLoader(dataset, batch_size=self.batch_size if train else self.eval_batch_size,
-                          shuffle=train, drop_last=train and self.drop_last,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available())
+        # the loader's own generator: creating an iterator draws no number from torch's global stream
+        common = dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                      pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(self.seed))
+        if not train:
+            return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, **common)
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = EpochSampler(dataset, shuffle=True, seed=self.seed, rank=rank, world_size=world)
+        return ResumableLoader(dataset, sampler=sampler, batch_size=self.batch_size, drop_last=self.drop_last,
+                               **common)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
@@ -233,6 +258,33 @@ class ImageDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
+
+
+class DataFileError(ValueError):
+    """A dataset file that is there but damaged (truncated, not the format it claims)."""
+
+
+def check_idx_file(path: Path) -> None:
+    """Check an IDX file's header against its size (a truncated download fails here, by name).
+
+    IDX: two zero bytes, a type code (0x08: unsigned bytes), the number of dimensions ``d``,
+    then ``d`` big-endian 32-bit sizes, then the data.
+    """
+    with open(path, "rb") as f:
+        head = f.read(4)
+        if len(head) < 4 or head[:2] != b"\0\0" or head[2] != 0x08 or not 1 <= head[3] <= 4:
+            raise DataFileError(f"{path} is not an IDX file of bytes (header {head.hex() or 'empty'}); "
+                                "replace it with the original MNIST file")
+        dims = f.read(4 * head[3])
+    if len(dims) < 4 * head[3]:
+        raise DataFileError(f"{path} is truncated (its header is incomplete); replace it with the original file")
+    shape = [int.from_bytes(dims[4 * i:4 * i + 4], "big") for i in range(head[3])]
+    expected = 4 + 4 * head[3] + math.prod(shape)
+    size = path.stat().st_size
+    if size != expected:
+        what = "truncated" if size < expected else "longer than its header says"
+        raise DataFileError(f"{path} is {what}: {'x'.join(map(str, shape))} bytes of data need a file of "
+                            f"{expected} bytes, it has {size}; replace it (or its .gz) with the original file")
 
 
 class _TorchvisionFiles(ImageDataModule):
@@ -278,14 +330,14 @@ class _TorchvisionFiles(ImageDataModule):
     def _report(self, folder: Path, files: Sequence[tuple[str, str | None]], extra: str) -> str:
         missing = [f for f, _ in files if not (folder / f).is_file()]
         corrupt = [f for f, md5 in files if (folder / f).is_file() and md5 and not check_integrity(folder / f, md5)]
-        lines = [f"{self.title} files not found (or not usable) under root={self.root!r}."]
+        parts = [f"{self.title} files not found (or not usable) under root={self.root!r}."]
         if missing:
-            lines.append(f"Missing in {folder}: {', '.join(missing)}.")
+            parts.append(f"Missing in {folder}: {', '.join(missing)}.")
         if corrupt:
-            lines.append(f"Present but not the original release (MD5 mismatch) in {folder}: {', '.join(corrupt)}.")
-        lines.append(extra)
-        lines.append("Or set data.download=true (download=True) to fetch them when a network is available.")
-        return "\n".join(lines)
+            parts.append(f"Present but not the original release (MD5 mismatch) in {folder}: {', '.join(corrupt)}.")
+        parts.append(extra)
+        parts.append("Or set data.download=true (download=True) to fetch them when a network is available.")
+        return " ".join(parts)  # one line: the error is printed as one line
 
 
 @register("data", "mnist", description="MNIST 28x28 digits from <root>/MNIST/raw (density or classification)")
@@ -310,15 +362,27 @@ class MNISTDataModule(_TorchvisionFiles):
             raw, packed = self.raw_folder / name, self.raw_folder / (name + ".gz")
             if not raw.is_file() and packed.is_file():
                 tmp = raw.with_suffix(".part")
-                with gzip.open(packed, "rb") as src, open(tmp, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
+                try:
+                    with gzip.open(packed, "rb") as src, open(tmp, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+                except (EOFError, gzip.BadGzipFile) as err:  # a truncated or damaged archive
+                    tmp.unlink(missing_ok=True)
+                    raise DataFileError(f"{packed} cannot be unpacked ({err}); replace it with the original "
+                                        "file") from err
                 os.replace(tmp, raw)
+
+    def _base(self, train: bool) -> Dataset:
+        self._unpack_local()
+        for name in self.FILES:
+            if (self.raw_folder / name).is_file():
+                check_idx_file(self.raw_folder / name)
+        return super()._base(train)
 
     def _missing_message(self) -> str:
         folder = self.raw_folder
-        listing = "\n".join(f"  {folder / f}" for f in self.FILES)
-        extra = ("Put the four MNIST IDX files there:\n" + listing +
-                 "\n(the original .gz files, e.g. train-images-idx3-ubyte.gz, may be put in the same "
+        listing = ", ".join(str(folder / f) for f in self.FILES)
+        extra = ("Put the four MNIST IDX files there: " + listing +
+                 " (the original .gz files, e.g. train-images-idx3-ubyte.gz, may be put in the same "
                  "folder instead: they are unpacked on first use).")
         return self._report(folder, [(f, None) for f in self.FILES], extra)
 

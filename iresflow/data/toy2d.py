@@ -22,10 +22,13 @@ rings          4 concentric rings, radii 0.75, 1.5, 2.25, 3 (noise 0.08)   4
 
 Training draws fresh samples every epoch (a dataset of ``train_size`` points
 per epoch, never repeated), so training can be run by ``max_steps`` or by
-epochs alike; validation and test sets are fixed and seeded. Under DDP every
-rank draws different training points (an epoch is still ``train_size``
-points in all, like a distributed sampler's pass over a dataset), while the
-validation and test sets are split among the ranks by Lightning's sampler.
+epochs alike; validation and test sets are fixed and seeded. Every training
+batch is drawn from its own key ``(seed, epoch, batch)``, so a run resumed in the
+middle of an epoch continues with the batch it would have drawn next
+(:mod:`iresflow.data.resumable`). Under DDP every rank draws different training
+points (an epoch is still ``train_size`` points in all, like a distributed
+sampler's pass over a dataset), while the validation and test sets are split
+among the ranks by Lightning's sampler.
 """
 
 from __future__ import annotations
@@ -36,11 +39,12 @@ from typing import Callable
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, IterableDataset, TensorDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from iresflow.data.resumable import Draw, EpochSampler, ResumableLoader, draw_seed
 from iresflow.registry import register
 
-__all__ = ["TOY_DENSITIES", "sample_toy2d", "Toy2DDataModule", "ToyStream"]
+__all__ = ["TOY_DENSITIES", "sample_toy2d", "Toy2DDataModule", "ToyBatches"]
 
 Sampler = Callable[[int, "torch.Generator | None"], "tuple[torch.Tensor, torch.Tensor]"]
 
@@ -147,57 +151,33 @@ def sample_toy2d(dataset: str, n: int, generator: torch.Generator | None = None,
     return (x, k.long()) if return_labels else x
 
 
-class ToyStream(IterableDataset):
-    """An endless source cut into epochs: each pass yields ``n_batches`` fresh batches.
+class ToyBatches(Dataset):
+    """The training batches of the toy densities: item ``b`` of epoch ``e`` is a fresh batch.
 
-    Yields whole batches ``(x, label)`` (use it with ``DataLoader(batch_size=None)``).
-    Every pass draws new points: the per-batch generator is seeded from
-    ``(seed, pass number, worker seed, batch index)``, so runs are reproducible;
-    with several workers the batches of a pass are dealt out among them.
-
-    Under data parallelism (``rank`` / ``world_size``, set by the datamodule from
-    the trainer, else read from ``torch.distributed``) the ``n_batches`` of a pass
-    are dealt out among the ranks the same way: every rank draws *different*
-    points and yields ``ceil(n_batches / world_size)`` batches (the same number on
-    every rank, so no rank waits for a step the others never take). One process
-    (``world_size = 1``) draws exactly the batches it drew before.
+    Indexed by :class:`~iresflow.data.resumable.Draw` keys ``(epoch, b)`` (from an
+    :class:`~iresflow.data.resumable.EpochSampler`), each batch ``(x, label)`` is drawn from a
+    generator seeded by ``(seed, epoch, b)``: every epoch has new points, runs are reproducible,
+    and a resumed epoch draws exactly the batches it would have drawn (whichever process or
+    loader worker draws them). Under data parallelism the sampler deals the ``n_batches`` of
+    an epoch out among the ranks, so every rank draws different points. Use it with
+    ``DataLoader(batch_size=None)``; a plain integer ``b`` means batch ``b`` of epoch 0.
     """
 
-    def __init__(self, dataset: str, batch_size: int, n_batches: int, seed: int = 0,
-                 rank: int | None = None, world_size: int | None = None):
+    def __init__(self, dataset: str, batch_size: int, n_batches: int, seed: int = 0):
         self.dataset = _check_name(dataset)
         self.batch_size = int(batch_size)
         self.n_batches = int(n_batches)
         self.seed = int(seed)
-        self.rank, self.world_size = rank, world_size
-        self._passes = 0  # counts passes in this process (main, or a persistent worker)
-
-    def _dist(self) -> tuple[int, int]:
-        if self.world_size is not None:
-            return int(self.rank or 0), max(1, int(self.world_size))
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
 
     def __len__(self) -> int:
-        return math.ceil(self.n_batches / self._dist()[1])
+        return self.n_batches
 
-    def __iter__(self):
-        info = get_worker_info()
-        worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        rank, world = self._dist()
-        # a non-persistent worker is a fresh copy each epoch, but then its seed is fresh too
-        worker_seed = 0 if info is None else info.seed
-        epoch = self._passes
-        self._passes += 1
-        per_rank = math.ceil(self.n_batches / world)
-        # batch index b (global over the ranks) -> rank b % world; a rank's batches -> its workers
-        for i in range(worker, per_rank, n_workers):
-            b = i * world + rank
-            g = torch.Generator().manual_seed(hash((self.seed, epoch, worker_seed, b)) & (2**62 - 1))
-            yield sample_toy2d(self.dataset, self.batch_size, g, return_labels=True)
+    def __getitem__(self, key: Draw | int):
+        epoch, b = (key.epoch, key.index) if isinstance(key, Draw) else (0, int(key))
+        if not 0 <= b < self.n_batches:
+            raise IndexError(f"batch {b} of {self.n_batches}")
+        g = torch.Generator().manual_seed(draw_seed(self.seed, epoch, b))
+        return sample_toy2d(self.dataset, self.batch_size, g, return_labels=True)
 
 
 @register("data", "toy2d", description="2D toy densities (8gaussians, checkerboard, 2spirals, moons, "
@@ -222,6 +202,10 @@ class Toy2DDataModule(LightningDataModule):
                  eval_batch_size: int | None = None):
         super().__init__()
         self.dataset = _check_name(dataset)
+        for key, value in (("batch_size", batch_size), ("train_size", train_size), ("val_size", val_size),
+                           ("test_size", test_size)):
+            if int(value) < 1:
+                raise ValueError(f"toy2d: {key} must be at least 1, got {value}")
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
         self.train_size, self.val_size, self.test_size = int(train_size), int(val_size), int(test_size)
@@ -229,7 +213,7 @@ class Toy2DDataModule(LightningDataModule):
         self.num_workers = int(num_workers)
         self.num_classes = TOY_DENSITIES[self.dataset][1]
         self.save_hyperparameters()
-        self._train: ToyStream | None = None
+        self._train: ToyBatches | None = None
         self._val: TensorDataset | None = None
         self._test: TensorDataset | None = None
 
@@ -244,7 +228,7 @@ class Toy2DDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self._train is None:
             n_batches = max(1, math.ceil(self.train_size / self.batch_size))
-            self._train = ToyStream(self.dataset, self.batch_size, n_batches, self.seed)
+            self._train = ToyBatches(self.dataset, self.batch_size, n_batches, self.seed)
         if self._val is None:
             self._val = self._fixed(self.val_size, 1)
         if self._test is None:
@@ -257,17 +241,23 @@ class Toy2DDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
         trainer = getattr(self, "trainer", None)
-        if trainer is not None:  # data parallel: every rank draws its own share of the points
-            self._train.rank, self._train.world_size = trainer.global_rank, trainer.world_size
-        return self._loader(self._train)  # the stream yields whole batches
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = EpochSampler(self._train, shuffle=False, seed=self.seed, rank=rank, world_size=world)
+        # batch_size=None: every item is a whole batch; the generator keeps the loader's own
+        # seed draw off torch's global stream (the estimators' draws)
+        return ResumableLoader(self._train, sampler=sampler, batch_size=None, num_workers=self.num_workers,
+                               persistent_workers=self.num_workers > 0,
+                               generator=torch.Generator().manual_seed(self.seed))
 
     def val_dataloader(self) -> DataLoader:
         self.setup("validate")
-        return self._loader(self._val, self.eval_batch_size, shuffle=False)
+        return self._loader(self._val, self.eval_batch_size, shuffle=False,
+                            generator=torch.Generator().manual_seed(self.seed))
 
     def test_dataloader(self) -> DataLoader:
         self.setup("test")
-        return self._loader(self._test, self.eval_batch_size, shuffle=False)
+        return self._loader(self._test, self.eval_batch_size, shuffle=False,
+                            generator=torch.Generator().manual_seed(self.seed))
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()

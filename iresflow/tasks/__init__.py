@@ -1,12 +1,13 @@
-"""LightningModules (registered kind ``"task"``): ``density`` and ``classification``.
+"""LightningModules (registered kind ``"task"``): ``density`` and ``classification``; and the
+optimisers (registered kind ``"optimizer"``: adam, adamw, adamax, sgd, rmsprop).
 
 A task takes the built model plus training settings (``configs/task/*.yaml``):
 optimiser and schedule, Lipschitz upkeep after every optimiser step, the
 non-finite-loss policy, and its metrics and pictures.
 """
 
-from iresflow.tasks import base, classification, density  # noqa: F401  (imports register the tasks)
-from iresflow.tasks.base import IResTask, LRSchedule, NonFiniteLossError, build_optimizer
+from iresflow.tasks import base, classification, density, optimizers  # noqa: F401  (imports register them)
+from iresflow.tasks.base import IResTask, LRSchedule, NonFiniteLossError
 from iresflow.tasks.classification import ClassificationTask
 from iresflow.tasks.density import DensityTask, bits_per_dim
 
@@ -14,7 +15,6 @@ __all__ = [
     "IResTask",
     "LRSchedule",
     "NonFiniteLossError",
-    "build_optimizer",
     "ClassificationTask",
     "DensityTask",
     "bits_per_dim",

@@ -2,30 +2,38 @@
 
 The user never calls anything by hand: the normalised layers run their own
 ``n_iterations`` power iterations at every training forward (the model's
-``n_iterations``), and the task adds ``lipschitz_iterations`` more after every
-optimiser step, so the stored singular vectors keep up with the weights. One
-of each is the default: with the forward's iteration alone the estimate lagged
+``n_iterations``), and the task adds ``lipschitz_iterations`` more right after every
+optimiser step, so the stored singular vectors keep up with the weights (and a
+checkpoint written after the step holds vectors and weights that belong together).
+One of each is the default: with the forward's iteration alone the estimate lagged
 behind Adam at lr 3e-3 (the toy default's certified bound reached 0.98 for
 c = 0.97; with both it stays at 0.93, c^3 = 0.913 plus the lag). Before
 validation, testing and sampling ``lipschitz_eval_iterations`` more converge
 the vectors (evaluation mode uses the stored vectors without iterating).
+
+Evaluation leaves the training's random stream where it was: validation and test
+draw their own numbers (estimator probes, samples for the pictures) and torch's,
+numpy's and Python's generators are put back afterwards, so how often a run
+validates (or whether a resumed run validates again) never changes its training.
 
 Data parallel (DDP) rules the tasks keep: every rank runs the same power
 iterations at the same points (never only rank 0), so the ``u``/``v`` buffers
 stay identical; every decision that changes control flow (a skipped batch)
 is reduced across ranks; metrics are torchmetrics objects or logged with
 ``sync_dist=True``; files and pictures are written by global rank 0 only; the
-estimators' random draws differ between ranks (:meth:`IResTask.on_train_start`).
+estimators' random draws differ between ranks (:meth:`IResTask.on_fit_start`).
 """
 
 from __future__ import annotations
 
-import inspect
+import functools
 import math
 import os
+import random
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 from torch import nn
@@ -33,39 +41,41 @@ from torch import nn
 __all__ = [
     "IResTask",
     "NonFiniteLossError",
-    "build_optimizer",
     "LRSchedule",
-    "task_parameters",
-    "OPTIMIZERS",
     "SCHEDULERS",
+    "random_state",
+    "set_random_state",
 ]
 
-OPTIMIZERS = ("adam", "adamw", "adamax", "sgd", "rmsprop")
 SCHEDULERS = ("none", "multistep", "cosine")
 NONFINITE = ("raise", "skip")
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite (``task.on_nonfinite=raise``)."""
+    """The loss became NaN or infinite (``task.on_nonfinite=raise``, or too many skips in a row)."""
 
 
-def build_optimizer(params: Iterable[nn.Parameter], name: str, lr: float, weight_decay: float = 0.0,
-                    momentum: float = 0.9, nesterov: bool = False,
-                    betas: Sequence[float] = (0.9, 0.999)) -> torch.optim.Optimizer:
-    """One of :data:`OPTIMIZERS` with the usual hyperparameters."""
-    params = list(params)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
-    if name == "adamax":
-        return torch.optim.Adamax(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0,
-                               weight_decay=weight_decay)
-    if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+def random_state() -> dict[str, Any]:
+    """Every random generator a run draws from: torch (CPU and each CUDA device), numpy, Python.
+
+    Tensors, numbers and lists only, so a checkpoint holding it loads with ``weights_only=True``.
+    """
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+            "python": list(random.getstate())}
+
+
+def set_random_state(state: dict[str, Any]) -> None:
+    """Put back what :func:`random_state` returned."""
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
 
 
 class LRSchedule:
@@ -98,20 +108,6 @@ class LRSchedule:
         return factor
 
 
-def task_parameters(cls: type) -> list[str]:
-    """Every keyword a task class accepts (its own and its bases' ``__init__``)."""
-    names: list[str] = []
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None or klass in (LightningModule, nn.Module, object):
-            continue
-        for p in inspect.signature(init).parameters.values():
-            if p.name not in ("self",) and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) \
-                    and p.name not in names:
-                names.append(p.name)
-    return names
-
-
 def _lipschitz_layers(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if hasattr(m, "power_iteration")]
 
@@ -119,77 +115,90 @@ def _lipschitz_layers(module: nn.Module) -> list[nn.Module]:
 class IResTask(LightningModule):
     """Base of the tasks: ``model`` is the network; the rest are training settings.
 
-    Parameters shared by every task (see ``configs/task/*.yaml``):
-      optimizer, lr, weight_decay, momentum, nesterov, betas: the optimiser.
+    Parameters shared by every task (see ``configs/task/*.yaml``; each task lists them in its
+    own signature, so the registry checks every key of a task node):
+      optimizer: a factory ``params -> torch.optim.Optimizer`` (from the node
+        ``task.optimizer: {name: adam, lr: ...}``; default Adam, lr 1e-3). It is tried once
+        on a placeholder parameter when the task is built, so a bad value is reported then.
       scheduler ("none", "multistep", "cosine"), milestones (epochs), gamma,
       warmup_steps / warmup_epochs: the per-step learning-rate schedule.
       lipschitz_iterations: power iterations after each optimiser step, on top of
         the layers' own iterations in the training forward (0: those alone).
       lipschitz_eval_iterations: before validation / test / sampling.
       on_nonfinite: "raise" (stop, naming the step and the last good checkpoint)
-      or "skip" (drop the batch, count it in ``train/skipped_batches``).
+        or "skip" (drop the batch, count it in ``train/skipped_batches``);
+      max_consecutive_skips: with "skip", stop the run when this many batches in a row
+        were skipped (the run diverged).
     """
 
     #: the metric checkpoints call "best", and whether lower is better
     monitor: str = "val/loss"
     monitor_mode: str = "min"
 
-    def __init__(self, model: nn.Module, *, optimizer: str = "adam", lr: float = 1e-3,
-                 weight_decay: float = 0.0, momentum: float = 0.9, nesterov: bool = False,
-                 betas: Sequence[float] = (0.9, 0.999), scheduler: str = "none",
-                 milestones: Sequence[int] = (), gamma: float = 0.1, warmup_steps: int = 0,
-                 warmup_epochs: int = 0, lipschitz_iterations: int = 1,
-                 lipschitz_eval_iterations: int = 10, on_nonfinite: str = "raise"):
+    def __init__(self, model: nn.Module, *, optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+                 scheduler: str = "none", milestones: Sequence[int] = (), gamma: float = 0.1,
+                 warmup_steps: int = 0, warmup_epochs: int = 0, lipschitz_iterations: int = 1,
+                 lipschitz_eval_iterations: int = 10, on_nonfinite: str = "raise",
+                 max_consecutive_skips: int = 10):
         super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
         if on_nonfinite not in NONFINITE:
             raise ValueError(f"on_nonfinite must be one of {NONFINITE}, not {on_nonfinite!r}")
+        if int(max_consecutive_skips) < 1:
+            raise ValueError(f"max_consecutive_skips must be at least 1, got {max_consecutive_skips}")
+        if isinstance(optimizer, (str, dict)):
+            raise TypeError(f"optimizer={optimizer!r}: pass a factory (registry.factory('optimizer', node)); "
+                            "names are resolved by the registry")
+        self.optimizer_factory = optimizer or functools.partial(torch.optim.Adam, lr=1e-3)
+        self.optimizer_factory(params=[nn.Parameter(torch.zeros(1))])  # a bad lr etc. fails now, not in fit
         self.model = model
-        self.optimizer_name, self.lr, self.weight_decay = optimizer, float(lr), float(weight_decay)
-        self.momentum, self.nesterov, self.betas = float(momentum), bool(nesterov), tuple(betas)
         self.scheduler_name, self.milestones, self.gamma = scheduler, tuple(milestones), float(gamma)
         self.warmup_steps, self.warmup_epochs = int(warmup_steps), int(warmup_epochs)
         self.lipschitz_iterations = int(lipschitz_iterations)
         self.lipschitz_eval_iterations = int(lipschitz_eval_iterations)
         self.on_nonfinite = on_nonfinite
-        #: the resolved run config, saved inside every checkpoint (set by iresflow.cli)
+        self.max_consecutive_skips = int(max_consecutive_skips)
+        #: the resolved run config, saved inside every checkpoint (set by the run layer)
         self.run_config: dict[str, Any] | None = None
         #: PNG files written by this task (newest last)
         self.picture_paths: list[Path] = []
         self.skipped_batches = 0
+        self.consecutive_skips = 0
+        self._training_random_state: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ optimisation
     def _steps_per_epoch(self) -> int:
-        trainer = self.trainer
-        try:
-            total = trainer.estimated_stepping_batches  # also loads the train dataloader
-            n = trainer.num_training_batches
-        except Exception:  # no trainer (unit use) or an unsized loader
+        trainer = self._trainer
+        if trainer is None:  # unit use, outside a trainer
             return 1
+        total = trainer.estimated_stepping_batches  # also loads the train dataloader
+        n = trainer.num_training_batches
         if n is None or not math.isfinite(n):
             return max(1, int(total)) if math.isfinite(total) else 1
         return max(1, math.ceil(n / max(1, trainer.accumulate_grad_batches)))
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        opt = build_optimizer(params, self.optimizer_name, self.lr, self.weight_decay, self.momentum,
-                              self.nesterov, self.betas)
+        opt = self.optimizer_factory(params=params)
         if self.scheduler_name == "none" and not (self.warmup_steps or self.warmup_epochs):
             return opt
         steps_per_epoch = self._steps_per_epoch()
         total = None
-        try:
-            est = self.trainer.estimated_stepping_batches
-            total = int(est) if math.isfinite(est) else None
-        except Exception:
-            pass
+        if self._trainer is not None:
+            estimated = self._trainer.estimated_stepping_batches
+            total = int(estimated) if math.isfinite(estimated) else None
         warmup = self.warmup_steps + self.warmup_epochs * steps_per_epoch
         schedule = LRSchedule(self.scheduler_name, warmup, self.milestones, self.gamma, steps_per_epoch, total)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Right after the step (before any callback may checkpoint): keep u, v of the normalised
+        # layers converged to the new weights. Every rank runs the same iterations on the same
+        # (all-reduced) weights, so the vectors stay identical across ranks.
+        self.update_lipschitz(self.lipschitz_iterations)
 
     # ------------------------------------------------------------------ Lipschitz upkeep
     def update_lipschitz(self, n_iterations: int) -> None:
@@ -204,32 +213,44 @@ class IResTask(LightningModule):
             return
         update_lipschitz(self.model, n_iterations=n_iterations)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        # After the optimiser step: keep u, v of the normalised layers converged to the new weights.
-        # Every rank runs the same iterations on the same (all-reduced) weights, so the vectors
-        # stay identical across ranks (and DDP broadcasts rank 0's buffers before each forward).
-        self.update_lipschitz(self.lipschitz_iterations)
-
-    def on_train_start(self) -> None:
+    def on_fit_start(self) -> None:
         # Lightning seeds every rank alike, so without this the Hutchinson probes and the
         # Russian-roulette draws would repeat on every rank: still unbiased, but the ranks'
         # estimates would be correlated. Each rank gets its own stream (model parameters are
-        # unaffected: DDP broadcast them from rank 0 when it wrapped the model).
-        trainer = getattr(self, "_trainer", None)
+        # unaffected: DDP broadcasts them from rank 0 when it wraps the model). A resumed run
+        # gets each rank's saved stream back afterwards (the run layer's random-state callback).
+        trainer = self._trainer
         if trainer is not None and trainer.world_size > 1:
             seed = (torch.initial_seed() + 1_000_003 * trainer.global_rank) % (2**63)
             torch.manual_seed(seed)
 
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.log("train/skipped_batches", float(self.skipped_batches), sync_dist=False, reduce_fx="max")
+
+    def training_random_state(self) -> dict[str, Any]:
+        """The training's random generators: as they were before the current evaluation, if any."""
+        return self._training_random_state or random_state()
+
     def on_validation_start(self) -> None:
+        self._training_random_state = random_state()
         self.update_lipschitz(self.lipschitz_eval_iterations)
 
+    def on_validation_end(self) -> None:
+        if self._training_random_state is not None:
+            set_random_state(self._training_random_state)
+            self._training_random_state = None
+
     def on_test_start(self) -> None:
+        self._training_random_state = random_state()
         self.update_lipschitz(self.lipschitz_eval_iterations)
+
+    def on_test_end(self) -> None:
+        self.on_validation_end()
 
     # ------------------------------------------------------------------ non-finite losses
     def last_good_checkpoint(self) -> str | None:
         """The newest checkpoint file of this run, if any."""
-        trainer = getattr(self, "_trainer", None)
+        trainer = self._trainer
         candidates: list[Path] = []
         if trainer is not None:
             for cb in trainer.checkpoint_callbacks:
@@ -251,20 +272,27 @@ class IResTask(LightningModule):
         counts), so DDP never deadlocks with some ranks skipping.
         """
         bad = not bool(torch.isfinite(loss.detach()).all())
-        trainer = getattr(self, "_trainer", None)
+        trainer = self._trainer
         if trainer is not None and trainer.world_size > 1:
             bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
         if not bad:
+            self.consecutive_skips = 0
             return True
         where = (f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})")
-        if self.on_nonfinite == "skip":
-            self.skipped_batches += 1
-            self.print(f"warning: non-finite loss at {where}; batch skipped "
-                       f"({self.skipped_batches} so far, task.on_nonfinite=skip)")
-            return False
         ckpt = self.last_good_checkpoint()
         resume = (f"the last good checkpoint is {ckpt} (resume with ckpt_path={ckpt})"
                   if ckpt else "no checkpoint has been saved yet")
+        if self.on_nonfinite == "skip":
+            self.skipped_batches += 1
+            self.consecutive_skips += 1
+            if self.consecutive_skips >= self.max_consecutive_skips:
+                raise NonFiniteLossError(
+                    f"{self.consecutive_skips} batches in a row had a non-finite loss (up to {where}; "
+                    f"{self.skipped_batches} skipped in all): the run diverged; {resume}. Lower the learning "
+                    "rate or the Lipschitz coefficient (task.max_consecutive_skips sets this limit)")
+            self.print(f"warning: non-finite loss at {where}; batch skipped "
+                       f"({self.skipped_batches} so far, task.on_nonfinite=skip)")
+            return False
         raise NonFiniteLossError(
             f"non-finite loss ({loss.detach().flatten()[0].item()}) at {where}; {resume}. "
             "Lower the learning rate or the Lipschitz coefficient, or set task.on_nonfinite=skip "
@@ -290,12 +318,12 @@ class IResTask(LightningModule):
             out["solver_residual_max"] = float(max(float(i.residual) for i in infos))
         bounds = []
         for b in blocks:
-            fn = getattr(b, "lipschitz_bound", None) or getattr(getattr(b, "g", None), "lipschitz_bound", None)
-            if fn is not None:
-                try:
-                    bounds.append(float(fn()))
-                except Exception:
-                    pass
+            # the bound is certified by the residual function; one without ``lipschitz_bound``
+            # certifies none (a plugin), and then there is nothing to report for its block
+            g = getattr(b, "g", None)
+            owner = g if g is not None else b
+            if hasattr(owner, "lipschitz_bound"):
+                bounds.append(float(owner.lipschitz_bound()))
         if bounds:
             out["lipschitz_max"] = max(bounds)
         return out
@@ -308,7 +336,7 @@ class IResTask(LightningModule):
     # ------------------------------------------------------------------ pictures
     @property
     def output_dir(self) -> Path:
-        trainer = getattr(self, "_trainer", None)
+        trainer = self._trainer
         root = trainer.default_root_dir if trainer is not None else os.getcwd()
         return Path(root)
 
@@ -331,6 +359,8 @@ class IResTask(LightningModule):
         if self.run_config is not None:
             checkpoint["iresflow_config"] = self.run_config
         checkpoint["iresflow_skipped_batches"] = self.skipped_batches
+        checkpoint["iresflow_consecutive_skips"] = self.consecutive_skips
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.skipped_batches = int(checkpoint.get("iresflow_skipped_batches", 0))
+        self.consecutive_skips = int(checkpoint.get("iresflow_consecutive_skips", 0))

@@ -9,7 +9,7 @@ is logged (``val/recon_error``), with the solver's iterations and convergence.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,9 @@ __all__ = ["ClassificationTask"]
 class ClassificationTask(IResTask):
     """Train a classifier; the paper's optimiser (SGD, momentum, step schedule, warm-up) by config.
 
-    Besides the shared parameters (:class:`iresflow.tasks.base.IResTask`):
+    Besides the shared parameters (:class:`iresflow.tasks.base.IResTask`: optimizer, scheduler,
+    milestones, gamma, warmup_steps, warmup_epochs, lipschitz_iterations,
+    lipschitz_eval_iterations, on_nonfinite, max_consecutive_skips):
       num_classes: from the datamodule; label_smoothing; top_k: also report
       top-k accuracy when there are more than ``top_k`` classes;
       check_inverse: log the blocks' reconstruction error on a validation batch.
@@ -37,15 +39,23 @@ class ClassificationTask(IResTask):
     monitor_mode = "max"
 
     def __init__(self, model: nn.Module, *, num_classes: int = 10, label_smoothing: float = 0.0,
-                 top_k: int = 5, check_inverse: bool = True, **common: Any):
-        super().__init__(model, **common)
+                 top_k: int = 5, check_inverse: bool = True,
+                 optimizer: Any = None, scheduler: str = "none", milestones: Sequence[int] = (), gamma: float = 0.1,
+                 warmup_steps: int = 0, warmup_epochs: int = 0, lipschitz_iterations: int = 1,
+                 lipschitz_eval_iterations: int = 10, on_nonfinite: str = "raise", max_consecutive_skips: int = 10):
+        super().__init__(model, optimizer=optimizer, scheduler=scheduler, milestones=milestones, gamma=gamma,
+                         warmup_steps=warmup_steps, warmup_epochs=warmup_epochs,
+                         lipschitz_iterations=lipschitz_iterations,
+                         lipschitz_eval_iterations=lipschitz_eval_iterations, on_nonfinite=on_nonfinite,
+                         max_consecutive_skips=max_consecutive_skips)
         self.num_classes = int(num_classes)
         if self.num_classes < 2:
             raise ValueError(f"classification needs at least 2 classes, got num_classes={num_classes}")
         self.label_smoothing = float(label_smoothing)
         self.top_k = int(top_k) if top_k and int(top_k) < self.num_classes else None
         self.check_inverse = bool(check_inverse)
-        self.save_hyperparameters(ignore=["model"])
+        # the factories stay out: the run config (in every checkpoint) holds their nodes
+        self.save_hyperparameters(ignore=["model", "optimizer", "eval_estimator"])
         metrics: dict[str, nn.Module] = {}
         for stage in ("train", "val", "test"):
             # torchmetrics reduces epoch values across DDP ranks; the per-step training values too

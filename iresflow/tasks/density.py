@@ -23,6 +23,7 @@ sample grids and reconstructions for images).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -49,7 +50,9 @@ def bits_per_dim(log_prob: torch.Tensor, num_dims: int, n_bits: float | None = 8
 class DensityTask(IResTask):
     """Train a flow by maximum likelihood.
 
-    Besides the shared parameters (:class:`iresflow.tasks.base.IResTask`):
+    Besides the shared parameters (:class:`iresflow.tasks.base.IResTask`: optimizer, scheduler,
+    milestones, gamma, warmup_steps, warmup_epochs, lipschitz_iterations,
+    lipschitz_eval_iterations, on_nonfinite, max_consecutive_skips):
       dims: per-sample shape of the data (from the datamodule);
       data_kind: "vector" or "image"; n_bits: 8 for dequantised 8-bit images
         (bits/dim are reported), None for continuous data;
@@ -65,8 +68,15 @@ class DensityTask(IResTask):
 
     def __init__(self, model: nn.Module, *, dims: Sequence[int] = (2,), data_kind: str = "vector",
                  n_bits: float | None = None, eval_estimator: Any = None, n_samples: int = 2000,
-                 picture_every_n_val: int = 1, recon_batch_size: int = 64, **common: Any):
-        super().__init__(model, **common)
+                 picture_every_n_val: int = 1, recon_batch_size: int = 64,
+                 optimizer: Any = None, scheduler: str = "none", milestones: Sequence[int] = (), gamma: float = 0.1,
+                 warmup_steps: int = 0, warmup_epochs: int = 0, lipschitz_iterations: int = 1,
+                 lipschitz_eval_iterations: int = 10, on_nonfinite: str = "raise", max_consecutive_skips: int = 10):
+        super().__init__(model, optimizer=optimizer, scheduler=scheduler, milestones=milestones, gamma=gamma,
+                         warmup_steps=warmup_steps, warmup_epochs=warmup_epochs,
+                         lipschitz_iterations=lipschitz_iterations,
+                         lipschitz_eval_iterations=lipschitz_eval_iterations, on_nonfinite=on_nonfinite,
+                         max_consecutive_skips=max_consecutive_skips)
         if data_kind not in ("vector", "image"):
             raise ValueError(f"data_kind must be 'vector' or 'image', not {data_kind!r}")
         self.dims = tuple(int(d) for d in dims)
@@ -80,7 +90,8 @@ class DensityTask(IResTask):
         self.n_samples = int(n_samples)
         self.picture_every_n_val = int(picture_every_n_val)
         self.recon_batch_size = int(recon_batch_size)
-        self.save_hyperparameters(ignore=["model"])
+        # the factories stay out: the run config (in every checkpoint) holds their nodes
+        self.save_hyperparameters(ignore=["model", "optimizer", "eval_estimator"])
         self._metrics = nn.ModuleDict({
             f"{stage}_{name}": MeanMetric() for stage in ("val", "test") for name in ("nll", "bpd", "recon")
         })
@@ -214,12 +225,17 @@ class DensityTask(IResTask):
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0) -> torch.Tensor:
-        """``n`` samples through the inverse (stores the solver info for diagnostics)."""
+        """``n`` samples through the inverse (stores the solver info for diagnostics).
+
+        A model whose ``sample`` takes no ``temperature`` samples at temperature 1 only.
+        """
         self.reset_solve_info()
-        try:
+        if "temperature" in inspect.signature(self.model.sample).parameters:
             return self.model.sample(n, temperature=temperature)
-        except TypeError:  # a model whose sample() takes no temperature
-            return self.model.sample(n)
+        if temperature != 1.0:
+            raise ValueError(f"{type(self.model).__name__}.sample() takes no temperature; "
+                             f"sample at temperature=1, not {temperature}")
+        return self.model.sample(n)
 
     def make_pictures(self, tag: str, folder: Path) -> list[Path]:
         """Write (and log) the pictures of the current model; returns their paths."""
