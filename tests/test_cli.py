@@ -46,7 +46,7 @@ def _tiny_toy(plugin_dir, out, *extra):
 
 # --------------------------------------------------------------------------- commands and errors
 
-@pytest.mark.parametrize("command", [["train"], ["eval"], ["sample"], ["sweep"], ["registry", "list"],
+@pytest.mark.parametrize("command", [["train"], ["eval"], ["sample"], ["sweep"], ["reproduce"], ["registry", "list"],
                                      ["config", "show"], []])
 def test_help_on_every_command(command, capsys):
     with pytest.raises(SystemExit) as exc:

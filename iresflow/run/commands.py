@@ -1,4 +1,4 @@
-"""The ``iresflow`` command line: ``train``, ``eval``, ``sample``, ``sweep``, ``registry list``,
+"""The ``iresflow`` command line: ``train``, ``eval``, ``sample``, ``sweep``, ``reproduce``, ``registry list``,
 ``config show``; :func:`main` returns the exit code (:mod:`iresflow.run.errors`).
 
 An error is one line on stderr (``error: ...``) with the exit code it means; a traceback
@@ -90,6 +90,12 @@ def parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("sweep", help=_sweep.CLI_HELP, description=_sweep.CLI_DESCRIPTION, formatter_class=FMT)
     _sweep.add_arguments(w)
+
+    from iresflow import reproduce as _reproduce
+
+    rp = sub.add_parser("reproduce", help=_reproduce.CLI_HELP, description=_reproduce.CLI_DESCRIPTION,
+                        formatter_class=FMT)
+    _reproduce.add_arguments(rp)
     return p
 
 
@@ -206,8 +212,14 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return _sweep.main(args)
 
 
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from iresflow import reproduce as _reproduce
+
+    return _reproduce.main(args)
+
+
 COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample, "registry": _cmd_registry,
-            "config": _cmd_config, "sweep": _cmd_sweep}
+            "config": _cmd_config, "sweep": _cmd_sweep, "reproduce": _cmd_reproduce}
 
 
 # --------------------------------------------------------------------------- errors
