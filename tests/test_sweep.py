@@ -1,14 +1,15 @@
 """``iresflow sweep``: W&B-compatible expansion (grid order, random draws), the local runner
 (failures, resume, GPU pinning), summaries and plots, the --wandb guard, and the repo's specs.
 
-A tiny fake program stands in for ``iresflow train`` so these tests take seconds; one slow
-test runs a 3-run toy sweep through the real command."""
+A tiny fake program stands in for ``iresflow train`` so these tests take seconds; two slow
+tests run toy sweeps through the real command. Faults (signals, kills, resume, a locked
+folder) are in test_sweep_faults.py."""
 
 import csv
 import json
 import math
 import os
-import sys
+import subprocess
 import textwrap
 from pathlib import Path
 
@@ -17,12 +18,14 @@ import yaml
 
 from iresflow import sweep
 from iresflow.sweep import SweepError, expand, format_args, load_spec, main, plan, render_command
+from test_sweep_faults import needs_train_with_ckpt_auto
 
 REPO = Path(__file__).resolve().parent.parent
 SWEEPS = REPO / "sweeps"
 
 # Writes <output_dir>/metrics.json with score = (x - 0.3)^2 (+1 for mode=b); fails on x=0.7.
 # Every start is appended to calls.txt (to see which runs a rerun starts) and the GPU it saw.
+# Like iresflow train it refuses a non-empty folder unless resuming (ckpt_path=auto) or asked to.
 FAKE_PROGRAM = textwrap.dedent('''
     import json, os, sys
     from pathlib import Path
@@ -36,7 +39,8 @@ FAKE_PROGRAM = textwrap.dedent('''
         print("training step 3 ...")
         print("error: boom at x=0.7 (non-finite loss)", file=sys.stderr)
         sys.exit(3)
-    out.mkdir(parents=True, exist_ok=False)   # like iresflow: a fresh run wants a fresh folder
+    in_place = args.get("ckpt_path") == "auto" or args.get("overwrite") == "True"
+    out.mkdir(parents=True, exist_ok=in_place)
     score = (x - 0.3) ** 2 + (1.0 if args.get("mode") == "b" else 0.0)
     (out / "metrics.json").write_text(json.dumps({"score": score, "time/fit_seconds": 0.01}))
 ''')
@@ -222,6 +226,11 @@ def test_failure_is_recorded_and_rerun_skips_finished(fake, capsys):
     calls = _calls(tmp)[6:]
     assert len(calls) == 2 and all("x=0.7" in c["args"] for c in calls)
     assert "4 already finished, 2 to run" in capsys.readouterr().out
+    failed_id = next(r["run_id"] for r in rows if r["x"] == "0.7" and r["mode"] == "a")
+    log = (out / "logs" / f"{failed_id}.log").read_text()
+    assert log.count("===== attempt ") == 2 and "===== attempt 2 " in log and log.count("boom at x=0.7") == 2
+    record = json.loads((out / "logs" / f"{failed_id}.json").read_text())
+    assert [(a["status"], a["exit_code"]) for a in record["attempts"]] == [("failed", 3), ("failed", 3)]
     rows = list(csv.DictReader(open(out / "summary.csv")))
     assert sorted(r["status"] for r in rows) == ["cached"] * 4 + ["failed"] * 2
     assert all(r["wall_time_s"] for r in rows if r["status"] == "cached")  # kept from the first pass
@@ -231,21 +240,26 @@ def test_failure_is_recorded_and_rerun_skips_finished(fake, capsys):
     assert len(_calls(tmp)) == 8
 
 
-def test_unfinished_run_folder_is_cleared_or_resumed(fake):
+def test_unfinished_run_folder_is_resumed_in_place_never_deleted(fake):
+    """Every run gets ckpt_path=auto (the program resumes a checkpoint or starts fresh in place);
+    --fresh asks the program to start over (overwrite=true); the sweep deletes nothing."""
     make, tmp = fake
     spec = load_spec(make({"x": {"values": [0.1, 0.2]}}))
     out = tmp / "o"
     runs = plan(spec, out)
+    assert all(r.extra["ckpt_path"] == "auto" and "ckpt_path=auto" in r.command for r in runs)
+    assert all("overwrite" not in r.extra for r in runs)
+    fresh = plan(spec, out, fresh=True)
+    assert all("ckpt_path" not in r.extra and "overwrite=True" in r.command for r in fresh)
+    assert [r.run_id for r in fresh] == [r.run_id for r in runs]  # same folders
     runs[0].output_dir.mkdir(parents=True)
-    (runs[0].output_dir / "config.yaml").write_text("half a run\n")        # crashed early: start clean
-    (runs[1].output_dir / "checkpoints").mkdir(parents=True)
-    (runs[1].output_dir / "checkpoints" / "last.ckpt").write_text("x")   # pre-empted: resume
-    runs = plan(spec, out)
-    assert "ckpt_path" not in runs[0].extra and runs[1].extra["ckpt_path"] == "last"
-    assert "ckpt_path=last" in runs[1].command
-    assert "ckpt_path" not in plan(spec, out, fresh=True)[1].extra
-    sweep.run_sweep(runs[:1], name="toy", echo=False)
-    assert runs[0].status == "finished" and not (runs[0].output_dir / "config.yaml").exists()
+    (runs[0].output_dir / "config.yaml").write_text("half a run\n")   # crashed before its first checkpoint
+    result = sweep.run_sweep(runs[:1], name="toy", echo=False).runs[0]
+    assert result.status == "finished" and result.metrics["score"] == pytest.approx(0.04)
+    assert (runs[0].output_dir / "config.yaml").read_text() == "half a run\n"  # not the sweep's to delete
+    for key in ("ckpt_path=last", "output_dir=/tmp/x", "overwrite=true"):  # set per run by the sweep
+        with pytest.raises(SweepError, match="--fresh"):
+            plan(sweep.apply_overrides(spec, [key]), out)
 
 
 def test_gpus_pin_one_device_per_worker(fake):
@@ -295,9 +309,9 @@ def test_missing_program_fails_run_not_sweep(tmp_path):
     spec = {"name": "nope", "method": "grid", "metric": {"name": "m"}, "parameters": {"x": {"values": [1]}},
             "command": [str(tmp_path / "does-not-exist"), "${args_no_hyphens}"]}
     runs = plan(spec, tmp_path / "o")
-    sweep.run_sweep(runs, echo=False)
-    assert runs[0].status == "failed" and "could not start" in runs[0].error
-    paths = sweep.write_summary(runs, spec, tmp_path / "o")
+    results = sweep.run_sweep(runs, echo=False).runs
+    assert results[0].status == "failed" and "could not start" in results[0].error
+    paths = sweep.write_summary(results, spec, tmp_path / "o")
     assert "png" not in paths and "failed" in paths["md"].read_text()
 
 
@@ -338,13 +352,15 @@ def test_wandb_sweep_id_joins_without_registering(fake, monkeypatch, capsys):
     started = []
 
     class FakeAgent:
+        pid = -1
+
         def __init__(self, cmd, env, **kw):
             started.append((cmd, env.get("CUDA_VISIBLE_DEVICES")))
 
-        def wait(self):
+        def poll(self):
             return 0
 
-    monkeypatch.setattr(sweep.subprocess, "Popen", FakeAgent)
+    monkeypatch.setattr(subprocess, "Popen", FakeAgent)
     assert main([str(path), "--wandb", "--sweep-id", "abc123", "--entity", "me", "--gpus", "0,1",
                  "--count", "4"]) == 0
     # one agent per GPU, each pinned to its GPU, all on the same sweep (the spec has no project)
@@ -415,6 +431,7 @@ AFFINE_PLUGIN = textwrap.dedent('''
 
 
 @pytest.mark.slow
+@needs_train_with_ckpt_auto
 def test_sweep_through_iresflow_train_with_a_stub_model(tmp_path):
     """The runner and the real `iresflow train` agree on the contract: key=value overrides,
     output_dir per run, logger.group (W&B logger, offline) and metrics.json."""
@@ -433,21 +450,22 @@ def test_sweep_through_iresflow_train_with_a_stub_model(tmp_path):
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        sweep.run_sweep(runs, name="coeff_density", echo=False)
+        results = sweep.run_sweep(runs, name="coeff_density", echo=False).runs
     finally:
         for k, v in old.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    assert [r.status for r in runs] == ["finished"] * 2, [r.error for r in runs]
-    for r in runs:
-        cfg = yaml.safe_load((r.output_dir / "config.yaml").read_text())
+    assert [r.status for r in results] == ["finished"] * 2, [r.error for r in results]
+    for r in results:
+        cfg = yaml.safe_load((r.run.output_dir / "config.yaml").read_text())
         assert cfg["model"]["coeff"] == r.config["model.coeff"] and cfg["logger"]["group"] == "coeff_density"
-        assert cfg["output_dir"] == str(r.output_dir) and math.isfinite(r.metrics["test/nll"])
-    assert runs[0].metrics["test/nll"] != runs[1].metrics["test/nll"]
-    paths = sweep.write_summary(runs, spec, out)
+        assert cfg["output_dir"] == str(r.run.output_dir) and math.isfinite(r.metrics["test/nll"])
+    assert results[0].metrics["test/nll"] != results[1].metrics["test/nll"]
+    paths = sweep.write_summary(results, spec, out)
     assert paths["png"].is_file()
 
 
 @pytest.mark.slow
+@needs_train_with_ckpt_auto
 def test_real_toy_sweep_three_runs(tmp_path):
     out = tmp_path / "coeff_toy"
     spec = sweep.apply_overrides(load_spec(SWEEPS / "coeff_density.yaml"), [
@@ -456,11 +474,12 @@ def test_real_toy_sweep_three_runs(tmp_path):
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"])
     spec["parameters"]["model.coeff"] = {"values": [0.5, 0.7, 0.9]}
     runs = plan(spec, out)
-    sweep.run_sweep(runs, name="coeff_toy", parallel=1, echo=False)
-    assert [r.status for r in runs] == ["finished"] * 3, [r.error for r in runs]
-    for r in runs:
-        assert (r.output_dir / "config.yaml").is_file()
+    results = sweep.run_sweep(runs, name="coeff_toy", parallel=1, echo=False).runs
+    assert [r.status for r in results] == ["finished"] * 3, [r.error for r in results]
+    for r in results:
+        assert (r.run.output_dir / "config.yaml").is_file()
         assert math.isfinite(r.metrics["test/nll"])
-        assert yaml.safe_load((r.output_dir / "config.yaml").read_text())["model"]["coeff"] == r.config["model.coeff"]
-    paths = sweep.write_summary(runs, spec, out)
+        config = yaml.safe_load((r.run.output_dir / "config.yaml").read_text())
+        assert config["model"]["coeff"] == r.config["model.coeff"]
+    paths = sweep.write_summary(results, spec, out)
     assert paths["png"].is_file() and "test/nll" in paths["md"].read_text()
