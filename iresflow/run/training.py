@@ -74,11 +74,21 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+#: metrics of the inverse; a model that is not invertible by construction may fail them
+_INVERSE_METRICS = ("recon_error", "solver_converged", "solver_residual_max", "solver_iterations",
+                    "solver_iterations_max")
+
+
 def _failure_of(metrics: dict[str, float]) -> str | None:
-    """Why the final metrics are not a result: a non-finite value, a failed inverse."""
-    bad = [k for k, v in sorted(metrics.items()) if not math.isfinite(v)]
+    """Why the final metrics are not a result: a non-finite value, a failed inverse (unless the
+    model is deliberately unconstrained, e.g. ``normalization: none``: then they are reported only)."""
+    unconstrained = any(metrics.get(f"{stage}/invertible_by_construction") == 0.0 for stage in ("test", "val"))
+    bad = [k for k, v in sorted(metrics.items()) if not math.isfinite(v)
+           and not (unconstrained and k.rsplit("/", 1)[-1] in _INVERSE_METRICS)]
     if bad:
         return "non-finite final metrics: " + ", ".join(f"{k}={metrics[k]}" for k in bad[:6])
+    if unconstrained:
+        return None
     for stage in ("test", "val"):
         converged = metrics.get(f"{stage}/solver_converged")
         if converged is not None and converged < 1.0:

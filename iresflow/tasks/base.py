@@ -112,6 +112,12 @@ def _lipschitz_layers(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if hasattr(m, "power_iteration")]
 
 
+def _constrained(block: nn.Module) -> bool:
+    """Whether the block's residual function is built to be a contraction (its normalisation constrains)."""
+    norm = getattr(getattr(block, "g", None), "normalization", None)
+    return bool(getattr(norm, "constrains", True))
+
+
 class IResTask(LightningModule):
     """Base of the tasks: ``model`` is the network; the rest are training settings.
 
@@ -326,6 +332,10 @@ class IResTask(LightningModule):
                 bounds.append(float(owner.lipschitz_bound()))
         if bounds:
             out["lipschitz_max"] = max(bounds)
+        if blocks:
+            # 0 for a deliberately unconstrained model (normalization none: the paper's Vanilla),
+            # whose inverse is expected to fail: the run reports it without failing on it
+            out["invertible_by_construction"] = float(all(_constrained(b) for b in blocks))
         return out
 
     def reset_solve_info(self) -> None:
