@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from iresflow.nn.logdet import ExactLogDet, PowerSeriesLogDet, RussianRouletteLogDet
+from iresflow.nn.logdet import ExactLogDet, Hutchinson, PowerSeriesLogDet, RussianRouletteLogDet
 from iresflow.registry import build, build_node
 
 torch.set_num_threads(1)
@@ -146,13 +146,13 @@ def test_several_probes_average_single_probe_estimates():
     g = ContractiveMLP(6, 8, 0.9)
     x = torch.randn(3, 2, 3, dtype=DT)
     probes = torch.randn(4, *x.shape, dtype=DT)
-    est = PowerSeriesLogDet(n_terms=5, n_probes=4)
+    est = PowerSeriesLogDet(n_terms=5, trace=Hutchinson(n_probes=4))
     gx, together = est(g, x, probes=probes)
     singles = torch.stack([PowerSeriesLogDet(n_terms=5)(g, x, probes=p)[1] for p in probes])
     assert torch.allclose(together, singles.mean(0), atol=1e-13)
     assert torch.allclose(gx, g(x))
     # Rademacher probes sample +-1.
-    est_r = PowerSeriesLogDet(n_terms=2, n_probes=3, probe="rademacher")
+    est_r = PowerSeriesLogDet(n_terms=2, trace=Hutchinson(n_probes=3, probe="rademacher"))
     _, ld = est_r(g, x)
     assert ld.shape == (3,)
 
@@ -201,7 +201,7 @@ def test_roulette_unbiased_monte_carlo(distribution):
     # N is shared by a batch, so the independent draws are the calls; within a call a
     # batch of identical samples averages 64 Rademacher probes.
     est = RussianRouletteLogDet(distribution=distribution, p=0.5, lam=1.0, n_terms=1,
-                                probe="rademacher")
+                                trace=Hutchinson(probe="rademacher"))
     x = x0.expand(64, 4)
     with torch.no_grad():
         draws = torch.stack([est(g, x)[1].mean() for _ in range(2000)])
@@ -329,7 +329,7 @@ def test_no_grad_gives_same_values_without_graph(mode):
     g = ContractiveMLP(4, 8, 0.9)
     x = torch.randn(3, 4, dtype=DT, requires_grad=True)
     probes = torch.randn(2, 3, 4, dtype=DT)
-    est = PowerSeriesLogDet(n_terms=4, n_probes=2, gradient=mode)
+    est = PowerSeriesLogDet(n_terms=4, trace=Hutchinson(n_probes=2), gradient=mode)
     _, with_grad = est(g, x, probes=probes)
     with torch.no_grad():
         gx, without = est(g, x, probes=probes)

@@ -22,9 +22,9 @@ from torch import nn
 
 import iresflow.nn.lipschitz as lipschitz
 from iresflow.models.flow import ResidualFlow
-from iresflow.nn.activations import ELU, LipSwish, Softplus, _LipSwishWithDerivative
-from iresflow.nn.lipschitz import (LipschitzConv2d, LipschitzLinear, _conv_forward, _conv_input_grad, _conv_kind,
-                                   _conv_weight_grad, update_lipschitz)
+from iresflow.nn.activations import ELU, LipSwish, Softplus, _ValueAndSlope
+from iresflow.nn.conv_ops import conv_forward, conv_input_grad, conv_strategy, conv_weight_grad
+from iresflow.nn.lipschitz import LipschitzConv2d, LipschitzLinear, update_lipschitz
 from iresflow.nn.logdet import PowerSeriesLogDet, RussianRouletteLogDet
 from iresflow.nn.residual import ConvResidual, MLPResidual
 from iresflow.registry import factory
@@ -176,8 +176,13 @@ def test_lipswish_closed_form_derivatives():
     torch.manual_seed(0)
     x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     beta = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(_LipSwishWithDerivative.apply, (x, beta))
-    assert torch.autograd.gradgradcheck(_LipSwishWithDerivative.apply, (x, beta))
+    lipswish = LipSwish().double()
+
+    def value_and_slope(x, beta):  # the autograd function derived from LipSwish's formulas
+        return _ValueAndSlope.apply(lipswish, x, beta)
+
+    assert torch.autograd.gradcheck(value_and_slope, (x, beta))
+    assert torch.autograd.gradgradcheck(value_and_slope, (x, beta))
     for act in (LipSwish(0.7).double(), ELU(), Softplus()):
         y, d = act.forward_and_derivative(x)
         d_ref, = torch.autograd.grad(act(x).sum(), x, create_graph=True)
@@ -221,7 +226,7 @@ def test_gram_power_iteration_equals_plain_iteration(shape, n, monkeypatch):
 def test_thin_convolutions_as_matmuls(c, o, k, pad, stride):
     torch.manual_seed(0)
     m = nn.Conv2d(c, o, k, stride=stride, padding=pad).double()
-    kind = _conv_kind(m)
+    kind = conv_strategy(m)
     x = torch.randn(3, c, 7, 6, dtype=torch.float64)
     ref = F.conv2d(x, m.weight, m.bias, m.stride, m.padding)
     g = torch.randn_like(ref)
@@ -229,6 +234,6 @@ def test_thin_convolutions_as_matmuls(c, o, k, pad, stride):
                                                      [0, 0], 1, [True, True, False])
     h, w = x.shape[-2:]
     op = tuple(int(s + 2 * pad - k - (so - 1) * stride) for s, so in zip((h, w), ref.shape[-2:]))
-    torch.testing.assert_close(_conv_forward(kind, m, x, m.weight, m.bias), ref)
-    torch.testing.assert_close(_conv_input_grad(kind, m, g, m.weight, (h, w), op), gin)
-    torch.testing.assert_close(_conv_weight_grad(kind, m, g, x, m.weight), gw)
+    torch.testing.assert_close(conv_forward(kind, m, x, m.weight, m.bias), ref)
+    torch.testing.assert_close(conv_input_grad(kind, m, g, m.weight, op), gin)
+    torch.testing.assert_close(conv_weight_grad(kind, m, g, x, m.weight), gw)
