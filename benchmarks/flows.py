@@ -152,11 +152,11 @@ def iresflow_estimator_node(s: FlowSettings) -> dict:
     if s.estimator == "russian_roulette":
         k = match_normflows_terms(s.n_exact_terms) if s.ires_n_exact_terms is None else s.ires_n_exact_terms
         return {"name": "russian_roulette", "distribution": "geometric", "p": s.geom_p,
-                "n_terms": k, "n_probes": 1, "probe": "gaussian",
+                "n_terms": k, "trace": {"name": "hutchinson", "n_probes": 1, "probe": "gaussian"},
                 "gradient": s.gradient}
     if s.estimator == "power_series":
-        return {"name": "power_series", "n_terms": s.n_terms, "n_probes": 1, "probe": "gaussian",
-                "gradient": s.gradient}
+        return {"name": "power_series", "n_terms": s.n_terms,
+                "trace": {"name": "hutchinson", "n_probes": 1, "probe": "gaussian"}, "gradient": s.gradient}
     raise ValueError(f"unknown estimator {s.estimator!r}")
 
 
@@ -221,14 +221,14 @@ def without_dense_jacobian():
     """iresflow without its small-dimension path (the per-sample Jacobian from D
     forward-mode passes, for inputs of D <= min(n, 8) dimensions): every series term
     is then a vector-Jacobian product through the network."""
-    from iresflow.nn import logdet
+    from iresflow.nn.logdet import fused
 
-    old = logdet._DENSE_JACOBIAN_MAX_DIM
-    logdet._DENSE_JACOBIAN_MAX_DIM = 0
+    old = fused.DENSE_JACOBIAN_MAX_DIM
+    fused.DENSE_JACOBIAN_MAX_DIM = 0
     try:
         yield
     finally:
-        logdet._DENSE_JACOBIAN_MAX_DIM = old
+        fused.DENSE_JACOBIAN_MAX_DIM = old
 
 
 @contextlib.contextmanager

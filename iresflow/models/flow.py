@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from iresflow.nn.activations import compile_activations
 from iresflow.nn.block import InvertibleResidualBlock
 from iresflow.nn.layers import ActNorm, LogitTransform, Split, Squeeze
 from iresflow.nn.residual import ConvResidual, MLPResidual
@@ -82,13 +83,15 @@ class ResidualFlow(nn.Module):
         logit_alpha: images only; the logit transform's alpha (``None``: none).
         n_iterations: power iterations per training forward in each normalised map.
         preact: ``g`` starts with an activation.
+        compile: run the log-det estimators' activation pieces through ``torch.compile``
+            (:func:`iresflow.nn.activations.compile_activations`; the first steps compile).
     """
 
     def __init__(self, in_shape: Sequence[int], n_blocks: int = 10, hidden: Any = (128, 128),
                  activation: Any = None, coeff: float = 0.97, actnorm: bool = True,
                  estimator: Any = None, solver: Any = None, n_scales: int = 3,
                  kernel_sizes: Sequence[int] = (3, 1, 3), logit_alpha: float | None = 0.05,
-                 n_iterations: int = 1, preact: bool = True):
+                 n_iterations: int = 1, preact: bool = True, compile: bool = False):
         super().__init__()
         self.in_shape = tuple(int(s) for s in in_shape)
         if not self.in_shape:
@@ -143,6 +146,8 @@ class ResidualFlow(nn.Module):
             self._z_shapes.append((c, h, w))
         self.scales = nn.ModuleList(scales)
         self.register_buffer("_device_probe", torch.zeros(()), persistent=False)
+        if compile:
+            compile_activations(self)
 
     # -- properties ------------------------------------------------------------
     @property

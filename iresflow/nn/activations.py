@@ -38,7 +38,7 @@ from torch import nn
 from iresflow.registry import register
 
 __all__ = ["Activation", "ElementwiseActivation", "ELU", "LipSwish", "CLipSwish", "Softplus", "ReLU",
-           "Identity", "lipswish"]
+           "Identity", "lipswish", "compile_activations", "hook"]
 
 # max_x d/dx [x sigmoid(beta x)] = 1.0998... for every beta > 0 (attained at
 # beta x ~ 2.4); dividing by 1.1 makes LipSwish 1-Lipschitz.
@@ -63,6 +63,8 @@ class ElementwiseActivation(Activation):
     """An elementwise activation given by ``f``, ``f'`` and ``f''`` (see the module notes)."""
 
     elementwise = True
+    #: the no-graph hooks run through torch.compile (:func:`compile_activations`)
+    compiled: bool = False
 
     # -- the definition -------------------------------------------------------------
     def formula_parameters(self) -> tuple[Tensor, ...]:
@@ -89,6 +91,12 @@ class ElementwiseActivation(Activation):
         """``(f(x), f'(x))``, both differentiable (w.r.t. ``x`` and the parameters)."""
         return _ValueAndSlope.apply(self, x, *self.formula_parameters())
 
+    # The no-graph hooks of the fused path. Derived from the formulas; a subclass may
+    # override them to share intermediate results.
+    def value(self, x: Tensor, *theta: Tensor) -> Tensor:
+        """``f(x)`` without a graph."""
+        return self.f(x, *theta)
+
     def value_and_slope(self, x: Tensor, *theta: Tensor) -> tuple[Tensor, Tensor | None]:
         """``(f(x), f'(x))`` without a graph."""
         return self.f(x, *theta), self.df(x, *theta)
@@ -97,12 +105,24 @@ class ElementwiseActivation(Activation):
         """``(f(x), f'(x), f''(x))`` without a graph."""
         return self.f(x, *theta), self.df(x, *theta), self.d2f(x, *theta)
 
+    def vjp(self, x: Tensor, theta: tuple[Tensor, ...], grad_y: Tensor, value: Tensor | None = None,
+            need_theta: bool = True) -> tuple[Tensor, tuple[Tensor | None, ...]]:
+        """``(grad_y * f'(x), per theta_i: sum <grad_y, df/dtheta_i>)`` without a graph
+        (``value``: ``f(x)``, when the caller has it)."""
+        slope = self.df(x, *theta)
+        grad_x = grad_y if slope is None else grad_y * slope
+        if not need_theta:
+            return grad_x, tuple(None for _ in theta)
+        return grad_x, self.parameter_gradients(x, theta, grad_y, None, value_and_slope=(value, slope))
+
     def parameter_gradients(self, x: Tensor, theta: tuple[Tensor, ...], grad_y: Tensor | None,
-                            grad_d: Tensor | None, curvature_term: Tensor | None = None
+                            grad_d: Tensor | None, curvature_term: Tensor | None = None,
+                            value_and_slope: tuple[Tensor, Tensor | None] | None = None
                             ) -> tuple[Tensor | None, ...]:
         """Per parameter ``theta_i``: ``sum <grad_y, df/dtheta_i> + <grad_d, df'/dtheta_i>``.
 
-        ``curvature_term``, when given, is ``grad_d * f''(x)`` (a closed form may use it).
+        What the caller has already computed may be passed to spare a closed form the work:
+        ``curvature_term = grad_d * f''(x)`` and ``value_and_slope = (f(x), f'(x))``.
         Here by autograd on the formulas; differentiable when grad mode is on.
         """
         if not theta:
@@ -131,6 +151,37 @@ class ElementwiseActivation(Activation):
         return 1.0 if slope is None else float(slope.abs().max())
 
 
+# The hooks that may run compiled: pure tensor functions without a graph.
+COMPILABLE_HOOKS = ("value", "value_and_slope", "value_slope_curvature", "vjp")
+_COMPILED: dict[tuple[type, str], object] = {}
+
+
+def hook(act: ElementwiseActivation, name: str):
+    """The no-graph hook ``name`` of ``act``, compiled when ``act.compiled`` (one compiled
+    function per activation class and hook, shared by all instances)."""
+    if not act.compiled:
+        return getattr(act, name)
+    key = (type(act), name)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(getattr(type(act), name))
+    compiled = _COMPILED[key]
+    return lambda *args, **kwargs: compiled(act, *args, **kwargs)
+
+
+def compile_activations(module: nn.Module, enabled: bool = True) -> int:
+    """Run the fused log-det paths' activation pieces (value, slope, curvature, vjp; no graph)
+    through ``torch.compile`` for every formula-defined activation in ``module``: each
+    piece becomes one fused kernel instead of several elementwise passes. Paths that need
+    autograd's double backward (a user-defined ``g``, the exact estimator) stay eager.
+    Returns how many activations were switched."""
+    count = 0
+    for m in module.modules():
+        if isinstance(m, ElementwiseActivation):
+            m.compiled = bool(enabled)
+            count += 1
+    return count
+
+
 class _ValueAndSlope(torch.autograd.Function):
     """``(f(x), f'(x))`` with the closed-form backward ``(grad_y f' + grad_d f'', parameters)``.
 
@@ -139,7 +190,7 @@ class _ValueAndSlope(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, act: ElementwiseActivation, x: Tensor, *theta: Tensor):
-        y, d = act.value_and_slope(x, *theta)
+        y, d = hook(act, "value_and_slope")(x, *theta)
         ctx.act = act
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, d, *theta)
@@ -180,14 +231,13 @@ class ELU(ElementwiseActivation):
     def d2f(self, x):
         return torch.where(x > 0, 0.0, torch.exp(x.clamp(max=0.0)))
 
+    # (f' = f + 1 for x < 0 would be one pass shorter, but cancels badly in bfloat16)
     def value_slope_curvature(self, x):
-        y = F.elu(x)
-        slope = (y + 1.0).clamp_(max=1.0)  # e^x = f + 1 for x < 0
-        return y, slope, slope.masked_fill(x > 0, 0.0)
+        slope = torch.exp(x.clamp(max=0.0))
+        return F.elu(x), slope, slope.masked_fill(x > 0, 0.0)
 
     def value_and_slope(self, x):
-        y = F.elu(x)
-        return y, (y + 1.0).clamp_(max=1.0)
+        return F.elu(x), torch.exp(x.clamp(max=0.0))
 
 
 @register("activation", "softplus", description="softplus log(1+e^x): 1-Lipschitz, smooth")
@@ -254,13 +304,23 @@ def _add_beta(module: nn.Module, beta: float, learnable: bool) -> None:
 
 
 def _host(t: Tensor):
-    """A 0-dim CPU tensor as a Python number (scalar ops then cost no dispatch); else as is."""
-    return float(t) if t.device.type == "cpu" and t.dim() == 0 else t
+    """A 0-dim CPU tensor as a Python number (scalar ops then cost no dispatch); else as is
+    (also while torch.compile traces: a host number would break its graph)."""
+    if t.device.type == "cpu" and t.dim() == 0 and not torch.compiler.is_compiling():
+        return t.item()
+    return t
+
+
+def _ones_like(t: Tensor) -> Tensor:
+    """A tensor of ones shaped like ``t`` without filling one (a broadcast scalar)."""
+    return torch.ones((), dtype=t.dtype, device=t.device).expand_as(t)
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
-    dtype = torch.promote_types(a.dtype, b.dtype)
-    return torch.dot(a.reshape(-1).to(dtype), b.reshape(-1).to(dtype))
+    if a.dtype != b.dtype:
+        dtype = torch.promote_types(a.dtype, b.dtype)
+        a, b = a.to(dtype), b.to(dtype)
+    return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
 @register("activation", "lipswish",
@@ -300,39 +360,51 @@ class LipSwish(ElementwiseActivation):
         s = torch.sigmoid(z)
         return beta * s * (1.0 - s) * (2.0 + z * (1.0 - 2.0 * s)) / LIPSWISH_SCALE
 
-    # The hooks below compute the same formulas in fewer passes (shared sigmoid, in place).
+    # The hooks below compute the same formulas in fewer passes: f = silu(z) / (beta K) and
+    # f' = silu'(z) / K with z = beta x (aten's fused silu and silu_backward), in place.
+    def value(self, x, beta):
+        b = _host(beta)
+        return F.silu(x * b).mul_(1.0 / (b * LIPSWISH_SCALE))
+
     def value_and_slope(self, x, beta):
-        y, slope, _ = self._value_slope_sigmoid(x, beta)
+        y, slope, _, _ = self._value_slope(x, beta)
         return y, slope
 
     def value_slope_curvature(self, x, beta):
-        y, slope, s = self._value_slope_sigmoid(x, beta)
+        y, slope, z, s = self._value_slope(x, beta)
         b = _host(beta)
-        b2k = b * b / LIPSWISH_SCALE
-        # f'' = s (1 - s) (2 b / K + b^2 x (1 - 2 s) / K)
-        curvature = torch.mul(s, -2.0 * b2k).add_(b2k).mul_(x).add_(2.0 * b / LIPSWISH_SCALE)
-        curvature.mul_(s).addcmul_(curvature, s, value=-1.0)
+        # f'' = (beta / K) s (1 - s) (2 + z - 2 z s)
+        curvature = torch.addcmul(z, z, s, value=-2.0).add_(2.0)
+        curvature.mul_(torch.addcmul(s, s, s, value=-1.0)).mul_(b / LIPSWISH_SCALE)
         return y, slope, curvature
 
     @staticmethod
-    def _value_slope_sigmoid(x, beta):
+    def _value_slope(x, beta):
         b = _host(beta)
-        slope = x * b
-        s = torch.sigmoid(slope)
-        y = x * s
-        y.mul_(1.0 / LIPSWISH_SCALE)
-        # f' = s / K + beta f (1 - s)
-        torch.neg(s, out=slope).add_(1.0).mul_(y).mul_(b).add_(s, alpha=1.0 / LIPSWISH_SCALE)
-        return y, slope, s
+        z = x * b
+        s = torch.sigmoid(z)
+        y = torch.mul(x, s).mul_(1.0 / LIPSWISH_SCALE)
+        slope = torch.ops.aten.silu_backward(_ones_like(z), z).mul_(1.0 / LIPSWISH_SCALE)
+        return y, slope, z, s
 
-    def parameter_gradients(self, x, theta, grad_y, grad_d, curvature_term=None):
+    def vjp(self, x, theta, grad_y, value=None, need_theta=True):
+        (beta,) = theta
+        b = _host(beta)
+        grad_x = torch.ops.aten.silu_backward(grad_y, x * b).mul_(1.0 / LIPSWISH_SCALE)
+        if not need_theta:
+            return grad_x, (None,)
+        y = self.value(x, beta) if value is None else value
+        # sum grad_y df/dbeta = (<grad_y f', x> - <grad_y, f>) / beta
+        return grad_x, (((_dot(grad_x, x) - _dot(grad_y, y)) / b).reshape(beta.shape),)
+
+    def parameter_gradients(self, x, theta, grad_y, grad_d, curvature_term=None, value_and_slope=None):
         (beta,) = theta
         if torch.is_grad_enabled():  # differentiable: the formulas as written
-            return super().parameter_gradients(x, theta, grad_y, grad_d, curvature_term)
+            return super().parameter_gradients(x, theta, grad_y, grad_d)
         b = _host(beta)
         total = None
         if grad_y is not None:  # sum grad_y (x f' - f) / beta
-            y, slope = self.value_and_slope(x, beta)
+            y, slope = value_and_slope if value_and_slope is not None else self.value_and_slope(x, beta)
             total = (_dot(grad_y * slope, x) - _dot(grad_y, y)) / b
         if grad_d is not None or curvature_term is not None:  # sum grad_d x f'' / beta
             if curvature_term is None:

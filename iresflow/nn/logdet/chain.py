@@ -14,7 +14,7 @@ scalings. The residual functions say when they are such a chain
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -44,9 +44,10 @@ class ChainLayer:
     strategy: ConvStrategy | None = None
     out_padding: tuple[int, int] = (0, 0)
 
-    @property
-    def is_map(self) -> bool:
-        return self.kind is not LayerKind.ACTIVATION
+    is_map: bool = field(init=False)  # a linear map (not an activation)
+
+    def __post_init__(self):
+        object.__setattr__(self, "is_map", self.kind is not LayerKind.ACTIVATION)
 
 
 def linear_weight(m: nn.Module, x: torch.Tensor) -> torch.Tensor:

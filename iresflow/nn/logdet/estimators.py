@@ -91,7 +91,7 @@ class ExactLogDet(LogDetEstimator):
             raise ValueError(f"exact log-det needs the full Jacobian; {d} features per sample "
                              f"exceeds the limit of {self.max_numel}")
         grad = torch.is_grad_enabled()
-        with torch.enable_grad(), _paused_unless(grad):
+        with _paused_unless(grad), torch.enable_grad():
             xx = x if (grad and x.requires_grad) else x.detach().requires_grad_()
             gx = g(xx)
             jac = self._jacobian(gx, xx, create_graph=grad)  # [B, d, d]
@@ -173,12 +173,13 @@ class _SeriesLogDet(LogDetEstimator):
         chain = chain_of(g, x)
         fusable = chain is not None and is_fusable(chain)
 
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in g.parameters()))
+        grad_enabled = torch.is_grad_enabled()
+        needs_grad = grad_enabled and (x.requires_grad or any(p.requires_grad for p in g.parameters()))
         if not needs_grad:
             if fusable:
                 out, value = fused.logdet_value(fused.FusedChain.of(chain, x), x, self.trace, probes, n, term_weights)
                 return out, value
-            with torch.enable_grad(), _paused_unless(torch.is_grad_enabled()):
+            with _paused_unless(grad_enabled), torch.enable_grad():
                 xx = x.detach().requires_grad_()
                 jac = self._products(g, chain, xx, probes)
                 value, _ = series(jac, probes_for(self.trace, probes, xx, jac), n, term_weights,

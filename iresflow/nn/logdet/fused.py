@@ -34,10 +34,11 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
+from iresflow.nn.activations import hook
 from iresflow.nn.conv_ops import conv_forward, conv_input_grad, conv_weight_grad
 from iresflow.nn.logdet.chain import ChainLayer, LayerKind, linear_weight
 from iresflow.nn.logdet.products import DenseProducts
-from iresflow.nn.logdet.series import series
+from iresflow.nn.logdet.series import matrix_series, series
 from iresflow.nn.logdet.trace import Probes, TraceEstimator, probes_for
 
 __all__ = ["DENSE_JACOBIAN_MAX_DIM", "FusedChain", "memory_efficient_logdet", "logdet_value"]
@@ -118,36 +119,49 @@ def evaluate(chain: FusedChain, x: Tensor, curvature: bool) -> Evaluation:
             bias = None if slots.bias is None else chain.params[slots.bias]
             h = _apply(layer, chain.params[slots.weight], h, bias)
         elif curvature:
-            h, d, d2 = layer.module.value_slope_curvature(h, *chain.theta(i))
+            h, d, d2 = hook(layer.module, "value_slope_curvature")(h, *chain.theta(i))
         else:
-            h, d = layer.module.value_and_slope(h, *chain.theta(i))
+            h, d = hook(layer.module, "value_and_slope")(h, *chain.theta(i))
         slopes.append(d)
         curvatures.append(d2)
     return Evaluation(inputs, slopes, curvatures, h)
 
 
+# The maps below take tensors of one sample batch (``[B, ...]``) or of several probes
+# (``[P, B, ...]``): a dense map acts on the last dim, a convolution on the last three.
+
+
 def _apply(layer: ChainLayer, w: Tensor, t: Tensor, bias: Tensor | None = None) -> Tensor:
-    """The layer's linear map on ``t`` (any leading dims for a dense map; ``[..., C, H, W]``)."""
+    """The layer's linear map on ``t``."""
     if layer.kind is LayerKind.LINEAR:
         return F.linear(t, w, bias)
-    flat = conv_forward(layer.strategy, layer.module, t.reshape(-1, *t.shape[-3:]), w, bias)
-    return flat.view(*t.shape[:-3], *flat.shape[1:])
+    if t.dim() == 4:
+        return conv_forward(layer.strategy, layer.module, t, w, bias)
+    flat = conv_forward(layer.strategy, layer.module, t.flatten(0, 1), w, bias)
+    return flat.view(*t.shape[:2], *flat.shape[1:])
 
 
 def _adjoint(layer: ChainLayer, w: Tensor, c: Tensor) -> Tensor:
     """``c^T W``: the map's adjoint on ``c``."""
     if layer.kind is LayerKind.LINEAR:
-        return _mm(c.reshape(-1, c.shape[-1]), w).view(*c.shape[:-1], w.shape[1])
-    flat = conv_input_grad(layer.strategy, layer.module, c.reshape(-1, *c.shape[-3:]), w, layer.out_padding)
-    return flat.view(*c.shape[:-3], *flat.shape[1:])
+        if c.dim() == 2:
+            return _mm(c, w)
+        return _mm(c.flatten(0, 1), w).view(*c.shape[:2], w.shape[1])
+    if c.dim() == 4:
+        return conv_input_grad(layer.strategy, layer.module, c, w, layer.out_padding)
+    flat = conv_input_grad(layer.strategy, layer.module, c.flatten(0, 1), w, layer.out_padding)
+    return flat.view(*c.shape[:2], *flat.shape[1:])
 
 
 def _weight_grad(layer: ChainLayer, w: Tensor, c: Tensor, t: Tensor) -> Tensor:
     """``sum c^T t`` over every leading dim: the gradient of ``<c, W t>`` w.r.t. ``W``."""
     if layer.kind is LayerKind.LINEAR:
-        return _mm(c.reshape(-1, c.shape[-1]).t(), t.reshape(-1, t.shape[-1]))
-    return conv_weight_grad(layer.strategy, layer.module, c.reshape(-1, *c.shape[-3:]),
-                            t.reshape(-1, *t.shape[-3:]), w)
+        if c.dim() == 2:
+            return _mm(c.t(), t)
+        return _mm(c.flatten(0, 1).t(), t.flatten(0, 1))
+    if c.dim() == 4:
+        return conv_weight_grad(layer.strategy, layer.module, c, t, w)
+    return conv_weight_grad(layer.strategy, layer.module, c.flatten(0, 1), t.flatten(0, 1), w)
 
 
 def _mm(a: Tensor, b: Tensor) -> Tensor:
@@ -208,14 +222,16 @@ def dense_jacobian(chain: FusedChain, ev: Evaluation, x: Tensor) -> tuple[Tensor
 
 
 def tangents_from_basis(chain: FusedChain, ev: Evaluation, basis: dict[int, Tensor], v: Tensor) -> list[Tensor]:
-    """:func:`tangents` of ``v [P, B, D]`` as combinations ``J v = sum_j v_j (J e_j)``."""
+    """:func:`tangents` of ``v`` (``[B, D]`` or ``[P, B, D]``) as combinations
+    ``J v = sum_j v_j (J e_j)``."""
+    coordinates = [v[..., j:j + 1] for j in range(v.shape[-1])]
     out, t = [], v
     for i in range(len(chain.layers)):
         if i in basis:
             columns = basis[i]
-            t = columns[0] * v[..., :1]
-            for j in range(1, columns.shape[0]):
-                t.addcmul_(columns[j], v[..., j:j + 1])
+            t = columns[0] * coordinates[0]
+            for j in range(1, len(coordinates)):
+                t.addcmul_(columns[j], coordinates[j])
         elif i > 0 and ev.slopes[i - 1] is not None:  # after an activation
             t = t * ev.slopes[i - 1]
         out.append(t)
@@ -234,7 +250,9 @@ class SurrogateGradients:
 def surrogate_gradients(chain: FusedChain, ev: Evaluation, u: Tensor, tangent_at: list[Tensor],
                         need: list[bool], need_x: bool) -> SurrogateGradients:
     """The direct parameter gradients of ``s = sum u^T J v`` and each activation's ``e_i``
-    (see the module notes); ``tangent_at[i]`` is ``J_{<i} v`` (``[P, B, ...]``)."""
+    (see the module notes); ``tangent_at[i]`` is ``J_{<i} v``. ``u`` and the tangents are
+    ``[B, ...]`` (one probe) or ``[P, B, ...]`` (several)."""
+    several = u.dim() > ev.out.dim()
     params = chain.params
     direct: list[Tensor | None] = [None] * len(params)
     curvature_grads: list[Tensor | None] = [None] * len(chain.layers)
@@ -252,8 +270,9 @@ def surrogate_gradients(chain: FusedChain, ev: Evaluation, u: Tensor, tangent_at
         need_theta = any(need[j] for j in slots.theta)
         wants_e = curvature is not None and (need_x or not first)
         if need_theta or wants_e:
-            product = c * tangent_at[i]
-            ct = product[0] if product.shape[0] == 1 else product.sum(0)  # the P probes share the point
+            ct = c * tangent_at[i]
+            if several:  # the probes share the point
+                ct = ct.sum(0)
             e = None if curvature is None else ct * curvature
             if need_theta:
                 grads = layer.module.parameter_gradients(ev.inputs[i], chain.theta(i), None, ct, curvature_term=e)
@@ -296,12 +315,7 @@ def backward_pass(chain: FusedChain, kept: Kept, grad_out: Tensor, scale, curvat
     parameters (``scale``: a number or a per-sample column)."""
     params, layers = chain.params, chain.layers
     grads: list[Tensor | None] = [None] * len(params)
-    recomputed: dict[int, tuple[Tensor, Tensor | None]] = {}
-
-    def value_and_slope(i):  # of activation i, from its kept input
-        if i not in recomputed:
-            recomputed[i] = layers[i].module.value_and_slope(kept.inputs[i], *chain.theta(i))
-        return recomputed[i]
+    values: dict[int, Tensor] = {}  # activations' values, recomputed from their kept inputs
 
     delta = grad_out
     for i in range(len(layers) - 1, -1, -1):
@@ -309,24 +323,29 @@ def backward_pass(chain: FusedChain, kept: Kept, grad_out: Tensor, scale, curvat
         if layer.is_map:
             w = params[slots.weight]
             if need[slots.weight]:
-                layer_input = kept.inputs[i] if kept.inputs[i] is not None else value_and_slope(i - 1)[0]
+                layer_input = kept.inputs[i]
+                if layer_input is None:  # the value of the activation before it
+                    layer_input = values[i - 1] = hook(layers[i - 1].module, "value")(kept.inputs[i - 1],
+                                                                                      *chain.theta(i - 1))
                 grads[slots.weight] = _weight_grad(layer, w, delta, layer_input)
             if slots.bias is not None and need[slots.bias]:
                 grads[slots.bias] = delta.sum(0) if layer.kind is LayerKind.LINEAR else delta.sum((0, 2, 3))
             delta = _adjoint(layer, w, delta) if go_on else None
         else:
-            value, slope = value_and_slope(i)
-            if any(need[j] for j in slots.theta):
-                theta_grads = layer.module.parameter_gradients(kept.inputs[i], chain.theta(i), delta, None)
+            need_theta = any(need[j] for j in slots.theta)
+            if go_on or need_theta:
+                through, theta_grads = hook(layer.module, "vjp")(kept.inputs[i], chain.theta(i), delta,
+                                                                 values.pop(i, None), need_theta)
                 for j, grad in zip(slots.theta, theta_grads):
                     grads[j] = grad if need[j] else None
-            recomputed.pop(i)
+                delta = through
             if go_on:
-                if slope is not None:
-                    delta = delta * slope
                 e = curvature_grads[i]
                 if e is not None:
+                    delta = delta.clone() if delta is grad_out else delta
                     delta = delta.addcmul_(e, scale) if isinstance(scale, Tensor) else delta.add_(e, alpha=scale)
+            else:
+                delta = None
         if delta is None:
             break
     return delta, grads
@@ -347,11 +366,17 @@ def _series_products(chain, ev, x, trace, given, n, term_weights, neumann):
     else:
         products = EvaluationProducts(chain, ev)
     probes = probes_for(trace, given, x, products)
-    value, u = series(products, probes, n, term_weights, create_graph=False, neumann=neumann)
+    if dense:
+        value, u = matrix_series(jac, probes, n, term_weights, neumann=neumann)
+    else:
+        value, u = series(products, probes, n, term_weights, create_graph=False, neumann=neumann)
     if not neumann:
         return probes, value, None, None
-    tangent_at = tangents_from_basis(chain, ev, basis, probes.vectors) if dense else tangents(chain, ev,
-                                                                                             probes.vectors)
+    u = u.to(x.dtype)
+    v = probes.vectors
+    if v.shape[0] == 1:  # one probe: work on [B, ...]
+        u, v = u[0], v[0]
+    tangent_at = tangents_from_basis(chain, ev, basis, v) if dense else tangents(chain, ev, v)
     return probes, value, u, tangent_at
 
 
@@ -403,9 +428,11 @@ class _FusedMemoryEfficient(torch.autograd.Function):
                 # Per-sample weights: the surrogate again, from u scaled per sample (sum_b w_b s_b is
                 # the surrogate of that u).
                 ev = evaluate(chain, kept.x, curvature=True)
-                weights = grad_logdet.view(1, -1, *([1] * (kept.neumann.dim() - 2)))
-                again = surrogate_gradients(chain, ev, kept.neumann * weights,
-                                            tangents(chain, ev, kept.probes), need, need_x)
+                u, v = kept.neumann, kept.probes
+                if v.dim() > u.dim():  # one probe: u was kept as [B, ...]
+                    v = v[0]
+                weights = grad_logdet.view(-1, *([1] * (kept.x.dim() - 1)))
+                again = surrogate_gradients(chain, ev, u * weights, tangents(chain, ev, v), need, need_x)
                 dx, grads = backward_pass(chain, kept, grad_gx, 1.0, again.curvature_grads, need, need_x)
                 total = [_combine(a, c, 1.0) for a, c in zip(grads, again.direct)]
         return (None, None, None, None, None, dx if need_x else None, *total)

@@ -24,7 +24,7 @@ import torch
 from iresflow.nn.logdet.products import JacobianProducts
 from iresflow.nn.logdet.trace import Probes
 
-__all__ = ["accumulation_dtype", "dot", "series", "surrogate"]
+__all__ = ["accumulation_dtype", "dot", "series", "matrix_series", "surrogate"]
 
 
 def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -63,6 +63,37 @@ def series(jac: JacobianProducts, probes: Probes, n: int, term_weights: list[flo
     if not neumann:
         return value, None
     return value, (weights.to(u.dtype).view(-1, *[1] * (u.dim() - 1)) * u).detach()
+
+
+def matrix_series(jac: torch.Tensor, probes: Probes, n: int, term_weights: list[float], neumann: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`series` with the per-sample Jacobian ``jac [B, D, D]`` materialised (small ``D``):
+    the two sums are matrix polynomials, formed once and applied to the probes::
+
+        value = sum_p w_p v_p^T (sum_{k=1}^n c_k (-1)^(k+1)/k J^k) v_p
+        u_p   = w_p v_p^T (sum_{k=0}^n (-1)^k c_k J^k)
+    """
+    v, weights = probes
+    acc = accumulation_dtype(v.dtype, jac.dtype)
+    jac = jac.to(acc)
+    power = jac
+    log_part = jac * term_weights[1] if n >= 1 else torch.zeros_like(jac)
+    if neumann:
+        eye = torch.eye(jac.shape[-1], dtype=acc, device=jac.device)
+        neumann_part = (eye * term_weights[0]).expand_as(jac) - (jac * term_weights[1] if n >= 1 else 0.0)
+    for k in range(2, n + 1):
+        power = torch.bmm(power, jac)
+        sign = 1.0 if k % 2 == 1 else -1.0
+        log_part.add_(power, alpha=sign * term_weights[k] / k)
+        if neumann:
+            neumann_part.add_(power, alpha=-sign * term_weights[k])
+    vv = v.to(acc)
+    rows = torch.matmul(vv.unsqueeze(-2), log_part).squeeze(-2)  # v^T A, [P, B, D]
+    value = (weights.to(acc)[:, None] * (rows * vv).sum(-1)).sum(0)
+    if not neumann:
+        return value, None
+    u = torch.matmul(vv.unsqueeze(-2), neumann_part).squeeze(-2) * weights.to(acc).view(-1, 1, 1)
+    return value, u
 
 
 def surrogate(jac: JacobianProducts, u: torch.Tensor, probes: Probes, create_graph: bool) -> torch.Tensor:
