@@ -367,20 +367,19 @@ class LipSwish(ElementwiseActivation):
         return F.silu(x * b).mul_(1.0 / (b * LIPSWISH_SCALE))
 
     def value_and_slope(self, x, beta):
-        y, slope, _, _ = self._value_slope(x, beta)
+        y, slope, _, _ = self._value_slope(x, _host(beta))
         return y, slope
 
     def value_slope_curvature(self, x, beta):
-        y, slope, z, s = self._value_slope(x, beta)
         b = _host(beta)
+        y, slope, z, s = self._value_slope(x, b)
         # f'' = (beta / K) s (1 - s) (2 + z - 2 z s)
         curvature = torch.addcmul(z, z, s, value=-2.0).add_(2.0)
         curvature.mul_(torch.addcmul(s, s, s, value=-1.0)).mul_(b / LIPSWISH_SCALE)
         return y, slope, curvature
 
     @staticmethod
-    def _value_slope(x, beta):
-        b = _host(beta)
+    def _value_slope(x, b):
         z = x * b
         s = torch.sigmoid(z)
         y = torch.mul(x, s).mul_(1.0 / LIPSWISH_SCALE)
@@ -393,7 +392,7 @@ class LipSwish(ElementwiseActivation):
         grad_x = torch.ops.aten.silu_backward(grad_y, x * b).mul_(1.0 / LIPSWISH_SCALE)
         if not need_theta:
             return grad_x, (None,)
-        y = self.value(x, beta) if value is None else value
+        y = F.silu(x * b).mul_(1.0 / (b * LIPSWISH_SCALE)) if value is None else value
         # sum grad_y df/dbeta = (<grad_y f', x> - <grad_y, f>) / beta
         return grad_x, (((_dot(grad_x, x) - _dot(grad_y, y)) / b).reshape(beta.shape),)
 

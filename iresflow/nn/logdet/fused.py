@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from iresflow.nn.activations import hook
 from iresflow.nn.conv_ops import conv_forward, conv_input_grad, conv_weight_grad
+from iresflow.nn.logdet import gemm
 from iresflow.nn.logdet.chain import ChainLayer, LayerKind, linear_weight
 from iresflow.nn.logdet.products import DenseProducts
 from iresflow.nn.logdet.series import matrix_series, series
@@ -83,7 +84,7 @@ class FusedChain:
             if layer.is_map:
                 # weight_for runs the training-time power iterations (and, for a conv, checks
                 # the input size: all it reads of its argument)
-                w = linear_weight(m, x.new_empty((0, *layer.in_shape)))
+                w = linear_weight(m, x if layer.kind is LayerKind.LINEAR else x.new_empty((0, *layer.in_shape)))
                 slots.append(Slots(weight=add(w), bias=None if m.bias is None else add(m.bias)))
             else:
                 slots.append(Slots(theta=tuple(add(t) for t in m.formula_parameters())))
@@ -134,7 +135,7 @@ def evaluate(chain: FusedChain, x: Tensor, curvature: bool) -> Evaluation:
 def _apply(layer: ChainLayer, w: Tensor, t: Tensor, bias: Tensor | None = None) -> Tensor:
     """The layer's linear map on ``t``."""
     if layer.kind is LayerKind.LINEAR:
-        return F.linear(t, w, bias)
+        return gemm.linear(t, w, bias)
     if t.dim() == 4:
         return conv_forward(layer.strategy, layer.module, t, w, bias)
     flat = conv_forward(layer.strategy, layer.module, t.flatten(0, 1), w, bias)
@@ -145,8 +146,8 @@ def _adjoint(layer: ChainLayer, w: Tensor, c: Tensor) -> Tensor:
     """``c^T W``: the map's adjoint on ``c``."""
     if layer.kind is LayerKind.LINEAR:
         if c.dim() == 2:
-            return _mm(c, w)
-        return _mm(c.flatten(0, 1), w).view(*c.shape[:2], w.shape[1])
+            return gemm.matmul(c, w)
+        return gemm.matmul(c.flatten(0, 1), w).view(*c.shape[:2], w.shape[1])
     if c.dim() == 4:
         return conv_input_grad(layer.strategy, layer.module, c, w, layer.out_padding)
     flat = conv_input_grad(layer.strategy, layer.module, c.flatten(0, 1), w, layer.out_padding)
@@ -157,19 +158,11 @@ def _weight_grad(layer: ChainLayer, w: Tensor, c: Tensor, t: Tensor) -> Tensor:
     """``sum c^T t`` over every leading dim: the gradient of ``<c, W t>`` w.r.t. ``W``."""
     if layer.kind is LayerKind.LINEAR:
         if c.dim() == 2:
-            return _mm(c.t(), t)
-        return _mm(c.flatten(0, 1).t(), t.flatten(0, 1))
+            return gemm.matmul(c.t(), t)
+        return gemm.matmul(c.flatten(0, 1).t(), t.flatten(0, 1))
     if c.dim() == 4:
         return conv_weight_grad(layer.strategy, layer.module, c, t, w)
     return conv_weight_grad(layer.strategy, layer.module, c.flatten(0, 1), t.flatten(0, 1), w)
-
-
-def _mm(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` (2-D). A product with only a few columns is formed transposed: BLAS
-    runs e.g. ``[512, 128] @ [128, 2]`` several times faster as ``([2, 128] @ [128, 512])^T``."""
-    if b.shape[1] <= 8 < a.shape[0]:
-        return (b.t() @ a.t()).t()
-    return a @ b
 
 
 class EvaluationProducts:

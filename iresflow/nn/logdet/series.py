@@ -73,6 +73,13 @@ def matrix_series(jac: torch.Tensor, probes: Probes, n: int, term_weights: list[
         value = sum_p w_p v_p^T (sum_{k=1}^n c_k (-1)^(k+1)/k J^k) v_p
         u_p   = w_p v_p^T (sum_{k=0}^n (-1)^k c_k J^k)
     """
+    if torch.is_autocast_enabled(jac.device.type):  # tiny matrices: in float32 or wider throughout
+        with torch.autocast(jac.device.type, enabled=False):
+            return _matrix_series(jac, probes, n, term_weights, neumann)
+    return _matrix_series(jac, probes, n, term_weights, neumann)
+
+
+def _matrix_series(jac, probes, n, term_weights, neumann):
     v, weights = probes
     acc = accumulation_dtype(v.dtype, jac.dtype)
     jac = jac.to(acc)
@@ -87,12 +94,12 @@ def matrix_series(jac: torch.Tensor, probes: Probes, n: int, term_weights: list[
         log_part.add_(power, alpha=sign * term_weights[k] / k)
         if neumann:
             neumann_part.add_(power, alpha=-sign * term_weights[k])
-    vv = v.to(acc)
-    rows = torch.matmul(vv.unsqueeze(-2), log_part).squeeze(-2)  # v^T A, [P, B, D]
-    value = (weights.to(acc)[:, None] * (rows * vv).sum(-1)).sum(0)
+    vv = v.to(acc).transpose(0, 1)  # [B, P, D]
+    weights = weights.to(acc)
+    value = torch.bmm(vv, log_part).mul_(vv).sum(-1) @ weights  # sum_p w_p v_p^T A v_p
     if not neumann:
         return value, None
-    u = torch.matmul(vv.unsqueeze(-2), neumann_part).squeeze(-2) * weights.to(acc).view(-1, 1, 1)
+    u = torch.bmm(vv, neumann_part).mul_(weights[:, None]).transpose(0, 1)
     return value, u
 
 
