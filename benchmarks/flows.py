@@ -173,7 +173,7 @@ def iresflow_residual(s: FlowSettings) -> nn.Module:
                         n_iterations=s.n_power_iterations, preact=True)
 
 
-def build_iresflow(s: FlowSettings, device) -> IresflowChain:
+def build_iresflow(s: FlowSettings, device, compiled: bool = False) -> IresflowChain:
     import iresflow.nn  # noqa: F401 - registers the built-ins
     from iresflow.nn.block import InvertibleResidualBlock
     from iresflow.nn.layers import ActNorm
@@ -186,7 +186,12 @@ def build_iresflow(s: FlowSettings, device) -> IresflowChain:
                                               estimator=factory("estimator", iresflow_estimator_node(s))))
         if s.actnorm:
             layers.append(ActNorm(s.shape[0]))
-    return IresflowChain(layers).to(device).train()
+    flow = IresflowChain(layers).to(device).train()
+    if compiled:  # what ResidualFlow(compile=True) does
+        from iresflow.nn.activations import compile_activations
+
+        compile_activations(flow)
+    return flow
 
 
 def strip_spectral_norm(module: nn.Module) -> nn.Module:
@@ -229,6 +234,20 @@ def without_dense_jacobian():
         yield
     finally:
         fused.DENSE_JACOBIAN_MAX_DIM = old
+
+
+@contextlib.contextmanager
+def without_onednn():
+    """iresflow with the fused path's matrix products on torch's own ``mm`` (MKL on CPU)
+    instead of oneDNN (``iresflow.nn.logdet.gemm``)."""
+    from iresflow.nn.logdet import gemm
+
+    old = gemm.onednn_enabled
+    gemm.onednn_enabled = False
+    try:
+        yield
+    finally:
+        gemm.onednn_enabled = old
 
 
 @contextlib.contextmanager
@@ -320,8 +339,8 @@ class Side:
         return loss
 
 
-def iresflow_side(s: FlowSettings, device, x: torch.Tensor, model=None) -> Side:
-    flow = model if model is not None else build_iresflow(s, device)
+def iresflow_side(s: FlowSettings, device, x: torch.Tensor, model=None, compiled: bool = False) -> Side:
+    flow = model if model is not None else build_iresflow(s, device, compiled=compiled)
     opt = torch.optim.Adam(flow.parameters(), lr=s.lr)
 
     def step():

@@ -10,7 +10,7 @@ live set; CUDA: max_memory_allocated, CPU: profiler allocation events).
 The size is chosen per device (a 2-core CPU cannot run the GPU size in
 minutes); both sides always share it.
 
-Targets: speed-up >= 1.5 and peak memory iresflow / normflows <= 1.
+Targets: speed-up >= 2.5 and peak memory iresflow / normflows <= 1.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def run(ctx: Context) -> dict:
     res = compare_steps(ctx, s, pairs=pairs, warmup=warmup, tag="image", memory=True,
                         variants={"generic_autograd_path": generic_autograd_path})
     res["targets"] = [
-        target("image step speed-up vs normflows", res["speedup_median"], ">=", 1.5, unit="x",
+        target("image step speed-up vs normflows", res["speedup_median"], ">=", 2.5, unit="x",
                description="median over interleaved pairs of t_normflows / t_iresflow"),
         target("image peak memory iresflow / normflows", res["peak_memory_ratio"], "<=", 1.0, unit="x",
                description="allocator high-water mark of one training step above the live set"),

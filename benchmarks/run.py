@@ -36,6 +36,7 @@ BENCHMARKS = {
     "inverse": "benchmarks.inverse",
     "estimator": "benchmarks.estimator",
     "lipschitz": "benchmarks.lipschitz",
+    "scaling": "benchmarks.scaling",
     "cifar": "benchmarks.cifar",
 }
 SCHEMA_VERSION = 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
@@ -41,7 +42,9 @@ def compare_steps(ctx: Context, s: FlowSettings, *, pairs: int, warmup: int, tag
 
     ``variants``: ``{name: context-manager factory}``: more iresflow sides (same
     settings) whose every step runs inside that context -- ablations of a fast
-    path, timed in the same interleaved rounds and reported as information.
+    path, timed in the same interleaved rounds and reported as information. The
+    factory :data:`COMPILED` instead builds the side with the compile option
+    (``ResidualFlow(compile=True)``); its compilation happens in the warm-up steps.
     """
     torch.manual_seed(ctx.seed)
     x = batch_for(s, ctx.device, ctx.seed)
@@ -60,9 +63,14 @@ def compare_steps(ctx: Context, s: FlowSettings, *, pairs: int, warmup: int, tag
     extra = {}
     for name, context in (variants or {}).items():
         torch.manual_seed(ctx.seed)
-        side = iresflow_side(s, ctx.device, x)
+        side = iresflow_side(s, ctx.device, x, compiled=context is COMPILED)
         extra[name] = side
-        fns[name] = _within(context, side.logged_step)
+        fns[name] = side.logged_step if context is COMPILED else _within(context, side.logged_step)
+        if context is COMPILED:
+            t0 = time.perf_counter()
+            for _ in range(3):  # compiles every activation piece (first shapes, then dynamic ones)
+                side.step()
+            ctx.log(f"{tag}: variant {name}: compiled in {time.perf_counter() - t0:.1f} s")
 
     times = interleaved(fns, ctx.device, pairs=pairs, warmup=warmup)
     speedups = pair_ratios(times["normflows"], times["iresflow"])
@@ -106,6 +114,10 @@ def compare_steps(ctx: Context, s: FlowSettings, *, pairs: int, warmup: int, tag
     if ctx.profile:
         out["profile"] = {side.name: profile_side(ctx, side, 3, tag) for side in (ires, ref)}
     return jsonable(out)
+
+
+# The variant marker for the compile option (see compare_steps).
+COMPILED = object()
 
 
 def _within(context, step):

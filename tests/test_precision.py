@@ -249,3 +249,24 @@ def test_thin_convolutions_as_matmuls(c, o, k, pad, stride):
     torch.testing.assert_close(conv_forward(kind, m, x, m.weight, m.bias), ref)
     torch.testing.assert_close(conv_input_grad(kind, m, g, m.weight, op), gin)
     torch.testing.assert_close(conv_weight_grad(kind, m, g, x, m.weight), gw)
+
+
+@pytest.mark.skipif(not __import__("iresflow.nn.logdet.gemm", fromlist=["x"]).onednn_enabled,
+                    reason="this torch build has no oneDNN matmul op")
+@pytest.mark.parametrize("activation", ["lipswish", "elu"])
+def test_onednn_products_equal_torch_products_in_float32(activation, monkeypatch):
+    """The fused path's float32 matrix products go to oneDNN (float64 ones, as in the tests
+    above, to torch): the same values and gradients up to float32 summation order."""
+    from iresflow.nn.logdet import gemm
+
+    torch.manual_seed(0)
+    g = MLPResidual(3, (64, 64), activation=factory("activation", activation), coeff=0.9, n_iterations=0)
+    x = torch.randn(256, 3)
+    est = PowerSeriesLogDet(n_terms=6, gradient="memory_efficient")
+    w = torch.rand(x.shape[0])
+    probes = torch.randn(1, *x.shape)
+    fast = _grads(est, g, x, probes, w)
+    monkeypatch.setattr(gemm, "onednn_enabled", False)
+    ref = _grads(est, g, x, probes, w)
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
