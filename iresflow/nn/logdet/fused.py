@@ -32,7 +32,6 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
-import torch.nn.functional as F
 
 from iresflow.nn.activations import hook
 from iresflow.nn.conv_ops import conv_forward, conv_input_grad, conv_weight_grad
@@ -40,7 +39,7 @@ from iresflow.nn.logdet import gemm
 from iresflow.nn.logdet.chain import ChainLayer, LayerKind, linear_weight
 from iresflow.nn.logdet.products import DenseProducts
 from iresflow.nn.logdet.series import matrix_series, series
-from iresflow.nn.logdet.trace import Probes, TraceEstimator, probes_for
+from iresflow.nn.logdet.trace import TraceEstimator, probes_for
 
 __all__ = ["DENSE_JACOBIAN_MAX_DIM", "FusedChain", "memory_efficient_logdet", "logdet_value"]
 

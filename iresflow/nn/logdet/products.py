@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from iresflow.nn.conv_ops import conv_forward, conv_input_grad
+from iresflow.nn.conv_ops import conv_input_grad
 from iresflow.nn.logdet.chain import ChainLayer, LayerKind, linear_weight
 
 __all__ = ["JacobianProducts", "AutogradProducts", "ChainProducts", "DenseProducts"]
