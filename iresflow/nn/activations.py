@@ -311,9 +311,9 @@ def _host(t: Tensor):
     return t
 
 
-def _ones_like(t: Tensor) -> Tensor:
-    """A tensor of ones shaped like ``t`` without filling one (a broadcast scalar)."""
-    return torch.ones((), dtype=t.dtype, device=t.device).expand_as(t)
+def _constant(value: float, like: Tensor) -> Tensor:
+    """A 0-dim tensor (broadcast by the ops it enters: nothing to fill)."""
+    return torch.full((), value, dtype=like.dtype, device=like.device)
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
@@ -373,17 +373,18 @@ class LipSwish(ElementwiseActivation):
     def value_slope_curvature(self, x, beta):
         b = _host(beta)
         y, slope, z, s = self._value_slope(x, b)
-        # f'' = (beta / K) s (1 - s) (2 + z - 2 z s)
-        curvature = torch.addcmul(z, z, s, value=-2.0).add_(2.0)
-        curvature.mul_(torch.addcmul(s, s, s, value=-1.0)).mul_(b / LIPSWISH_SCALE)
+        # f'' = (beta / K) r (2 + z - 2 z s) with r = s (1 - s)
+        r = torch.addcmul(s, s, s, value=-1.0)
+        zs = torch.addcmul(z, z, s, value=-2.0)
+        curvature = torch.mul(r, 2.0 * b / LIPSWISH_SCALE).addcmul_(r, zs, value=b / LIPSWISH_SCALE)
         return y, slope, curvature
 
     @staticmethod
     def _value_slope(x, b):
         z = x * b
         s = torch.sigmoid(z)
-        y = torch.mul(x, s).mul_(1.0 / LIPSWISH_SCALE)
-        slope = torch.ops.aten.silu_backward(_ones_like(z), z).mul_(1.0 / LIPSWISH_SCALE)
+        y = torch.addcmul(_constant(0.0, x), x, s, value=1.0 / LIPSWISH_SCALE)  # x s / K in one pass
+        slope = torch.ops.aten.silu_backward(_constant(1.0 / LIPSWISH_SCALE, z).expand_as(z), z)
         return y, slope, z, s
 
     def vjp(self, x, theta, grad_y, value=None, need_theta=True):

@@ -5,7 +5,7 @@ reached through ``torch.ops.mkldnn._linear_pointwise``, the op torch.compile's C
 backend uses for linear layers) ran the fused path's products about twice as fast on
 the machines we measured (e.g. ``[512, 128] @ [128, 128]``: 85 vs 175 us on an AMD EPYC
 core). It is used for float32 and bfloat16 products on CPU with every side at least
-``ONEDNN_MIN_DIM``, outside autocast; everything else (float64, thin products, CUDA,
+``ONEDNN_MIN_DIM`` and enough work to pay for its set-up, outside autocast; everything else (float64, thin products, CUDA,
 autocast, a torch build without the op) takes the plain torch ops. The numbers are the
 same up to the order of the float32 sums.
 """
@@ -18,7 +18,10 @@ import torch.nn.functional as F
 __all__ = ["linear", "matmul", "ONEDNN_MIN_DIM", "onednn_enabled"]
 
 ONEDNN_MIN_DIM = 16
-_OP = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+# (a oneDNN call costs some 20 us of set-up: worth it from about this many multiply-adds)
+ONEDNN_MIN_WORK = 1 << 21
+_PACKET = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+_OP = getattr(_PACKET, "default", None)
 
 
 def _probe() -> bool:
@@ -37,9 +40,11 @@ onednn_enabled = _probe()
 
 
 def _onednn(a: torch.Tensor, w: torch.Tensor) -> bool:
-    return (onednn_enabled and a.device.type == "cpu" and a.dtype in (torch.float32, torch.bfloat16)
-            and w.dtype == a.dtype and min(a.shape[-1], a.shape[-2], w.shape[0]) >= ONEDNN_MIN_DIM
-            and not torch.is_autocast_enabled("cpu"))
+    if not (onednn_enabled and a.device.type == "cpu" and a.dtype in (torch.float32, torch.bfloat16)
+            and w.dtype == a.dtype and not torch.is_autocast_enabled("cpu")):
+        return False
+    rows, inner, out = a.numel() // a.shape[-1], a.shape[-1], w.shape[0]
+    return min(rows, inner, out) >= ONEDNN_MIN_DIM and rows * inner * out >= ONEDNN_MIN_WORK
 
 
 def linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
