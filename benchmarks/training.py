@@ -93,7 +93,9 @@ def compare_steps(ctx: Context, s: FlowSettings, *, pairs: int, warmup: int, tag
         out["variants"] = {}
         for name, side in extra.items():
             sp = pair_ratios(times["normflows"], times[name])
+            own = pair_ratios(times["iresflow"], times[name])  # the variant against the default, per pair
             out["variants"][name] = {"speedup_per_pair": sp, "speedup_median": median(sp),
+                                     "speedup_vs_default_median": median(own),
                                      "mean_series_terms": _mean(side.term_log)}
             ctx.log(f"{tag}: variant {name}: speed-up x{median(sp):.2f}")
     ctx.log(f"{tag}: iresflow {out['time']['iresflow']['median_s']*1e3:.1f} ms, "
