@@ -374,3 +374,61 @@ def normflows_side(s: FlowSettings, device, x: torch.Tensor, **kw) -> Side:
 
 def count_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters() if p.requires_grad)
+
+
+# --------------------------------------------------------------------------- common random numbers
+class CommonDraws:
+    """The same Russian-roulette draws on both sides, step by step (common random numbers):
+    the k-th training step of every side uses the k-th list of per-block draws, so a pair of
+    steps does the same work and its time ratio measures speed, not luck.
+
+    normflows draws ``N ~ geometric(p)`` on {1, 2, ...} (``np.random.geometric``) on top of
+    its ``n_exact_terms``; iresflow counts its ``N`` from 0 on top of one more exact term
+    (:func:`match_normflows_terms`): the same draw is ``N - 1`` there.
+    """
+
+    def __init__(self, p: float, n_blocks: int, seed: int):
+        import numpy as np
+
+        self.rng = np.random.default_rng(seed)
+        self.p, self.n_blocks = p, n_blocks
+        self.lists: list[list[int]] = []
+
+    def draws(self, k: int) -> list[int]:
+        while len(self.lists) <= k:
+            self.lists.append([int(n) for n in self.rng.geometric(self.p, self.n_blocks)])
+        return self.lists[k]
+
+    def iresflow(self, side: Side) -> Side:
+        """``side`` with every step's roulette draws taken from the common lists."""
+        count = [0]
+        estimators = [b.estimator for b in side.model.blocks]
+        plain = side.step
+
+        def step():
+            it = iter(self.draws(count[0]))
+            count[0] += 1
+            for est in estimators:
+                est.sample_n = (lambda n=next(it): n - 1)
+            return plain()
+
+        return replace(side, step=step)
+
+    def normflows(self, side: Side) -> Side:
+        import normflows.flows.residual as nf_residual
+        import numpy as np
+
+        count = [0]
+        plain = side.step
+
+        def step():
+            it = iter(self.draws(count[0]))
+            count[0] += 1
+            original = nf_residual.geometric_sample
+            nf_residual.geometric_sample = lambda p, m: np.array([next(it) for _ in range(m)])
+            try:
+                return plain()
+            finally:
+                nf_residual.geometric_sample = original
+
+        return replace(side, step=step)

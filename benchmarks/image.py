@@ -33,7 +33,7 @@ def settings(ctx: Context) -> FlowSettings:
 
 def run(ctx: Context) -> dict:
     s = settings(ctx)
-    pairs, warmup = (3, 1) if ctx.quick else ((20, 3) if ctx.cuda else (10, 2))
+    pairs, warmup = (3, 1) if ctx.quick else ((20, 3) if ctx.cuda else (20, 2))
     variants = {"generic_autograd_path": generic_autograd_path}
     if not ctx.quick:  # (compiling takes a while: not in the smoke test)
         variants["compiled"] = COMPILED

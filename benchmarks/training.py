@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np
 import torch
 
 from benchmarks.common import (Context, interleaved, jsonable, median, pair_ratios, peak_memory,
                                saved_tensor_bytes, summarize_times)
-from benchmarks.flows import (FlowSettings, Side, batch_for, count_params, iresflow_estimator_node,
-                              iresflow_side, normflows_side)
+from benchmarks.flows import (CommonDraws, FlowSettings, Side, batch_for, count_params,
+                              iresflow_estimator_node, iresflow_side, normflows_side)
 
 
 def profile_side(ctx: Context, side: Side, steps: int, tag: str, row_limit: int = 25) -> dict:
@@ -48,9 +49,14 @@ def compare_steps(ctx: Context, s: FlowSettings, *, pairs: int, warmup: int, tag
     """
     torch.manual_seed(ctx.seed)
     x = batch_for(s, ctx.device, ctx.seed)
+    # Both sides draw the same roulette N in each step (common random numbers): equal work per pair.
+    common = CommonDraws(s.geom_p, s.n_blocks, ctx.seed) if s.estimator == "russian_roulette" else None
     ires = iresflow_side(s, ctx.device, x)
     torch.manual_seed(ctx.seed)
+    np.random.seed(ctx.seed)
     ref = normflows_side(s, ctx.device, x)
+    if common is not None:
+        ires, ref = common.iresflow(ires), common.normflows(ref)
     ctx.log(f"{tag}: params iresflow={count_params(ires.model)} normflows={count_params(ref.model)}")
     fns = {"iresflow": ires.logged_step, "normflows": ref.logged_step}
     nominal = None
@@ -58,12 +64,14 @@ def compare_steps(ctx: Context, s: FlowSettings, *, pairs: int, warmup: int, tag
         # Also the literal reading "iresflow n_exact_terms = 2" (one term fewer on
         # average than normflows' "2"): reported, not used for the target.
         torch.manual_seed(ctx.seed)
-        nominal = iresflow_side(s.with_(ires_n_exact_terms=s.n_exact_terms), ctx.device, x)
+        nominal = common.iresflow(iresflow_side(s.with_(ires_n_exact_terms=s.n_exact_terms), ctx.device, x))
         fns["iresflow_nominal"] = nominal.logged_step
     extra = {}
     for name, context in (variants or {}).items():
         torch.manual_seed(ctx.seed)
         side = iresflow_side(s, ctx.device, x, compiled=context is COMPILED)
+        if common is not None:
+            side = common.iresflow(side)
         extra[name] = side
         fns[name] = side.logged_step if context is COMPILED else _within(context, side.logged_step)
         if context is COMPILED:

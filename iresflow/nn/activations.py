@@ -65,6 +65,9 @@ class ElementwiseActivation(Activation):
     elementwise = True
     #: the no-graph hooks run through torch.compile (:func:`compile_activations`)
     compiled: bool = False
+    #: ``parameter_gradients`` reads only ``curvature_term`` (not ``grad_d``) when it is given
+    #: (a closed form; the default by autograd needs ``grad_d``)
+    parameter_gradients_use_curvature_term: bool = False
 
     # -- the definition -------------------------------------------------------------
     def formula_parameters(self) -> tuple[Tensor, ...]:
@@ -336,6 +339,8 @@ class LipSwish(ElementwiseActivation):
     ``beta = softplus(raw)`` keeps it positive (so the 1/1.1 bound holds) while learnable.
     """
 
+    parameter_gradients_use_curvature_term = True
+
     def __init__(self, beta: float = 1.0, learnable: bool = True):
         super().__init__()
         _add_beta(self, beta, learnable)
@@ -373,10 +378,9 @@ class LipSwish(ElementwiseActivation):
     def value_slope_curvature(self, x, beta):
         b = _host(beta)
         y, slope, z, s = self._value_slope(x, b)
-        # f'' = (beta / K) r (2 + z - 2 z s) with r = s (1 - s)
-        r = torch.addcmul(s, s, s, value=-1.0)
-        zs = torch.addcmul(z, z, s, value=-2.0)
-        curvature = torch.mul(r, 2.0 * b / LIPSWISH_SCALE).addcmul_(r, zs, value=b / LIPSWISH_SCALE)
+        # f'' = (beta / K) s (1 - s) (2 + z - 2 z s), in the buffers of z and s
+        curvature = z.addcmul_(z, s, value=-2.0).add_(2.0)
+        curvature.mul_(s.addcmul_(s, s, value=-1.0)).mul_(b / LIPSWISH_SCALE)
         return y, slope, curvature
 
     @staticmethod

@@ -265,7 +265,12 @@ def surrogate_gradients(chain: FusedChain, ev: Evaluation, u: Tensor, tangent_at
             ct = c * tangent_at[i]
             if several:  # the probes share the point
                 ct = ct.sum(0)
-            e = None if curvature is None else ct * curvature
+            if curvature is None:
+                e = None
+            elif need_theta and not layer.module.parameter_gradients_use_curvature_term:
+                e = ct * curvature  # (ct itself is needed for the parameters)
+            else:
+                e = ct.mul_(curvature)
             if need_theta:
                 grads = layer.module.parameter_gradients(ev.inputs[i], chain.theta(i), None, ct, curvature_term=e)
                 for j, grad in zip(slots.theta, grads):
