@@ -63,14 +63,16 @@ def make_g(c: float, dim: int, device, seed: int = 0, n_maps: int = 3, activatio
     return g.eval()
 
 
-class Counted:
-    """Wraps f and counts its calls and the samples it was called on (the harness' own count:
-    a solver stops evaluating a sample once it has converged)."""
+class Counted(torch.nn.Module):
+    """Wraps g and counts its calls and the samples it was called on (the harness' own count).
+    A module, like the residual function it wraps: the solvers stop evaluating a sample once
+    it has converged (they evaluate a plain callable on the whole batch)."""
 
     def __init__(self, f):
+        super().__init__()
         self.f, self.calls, self.rows = f, 0, 0
 
-    def __call__(self, x):
+    def forward(self, x):
         self.calls += 1
         self.rows += x.shape[0]
         return self.f(x)

@@ -164,12 +164,13 @@ def test_anderson_survives_samples_that_converge_first():
     from iresflow.nn.solvers import AndersonSolver
 
     torch.manual_seed(0)
+    mask = torch.ones(4, 3, dtype=torch.float64)
+    mask[0] = 0.0  # g = 0 on sample 0: x = y from the start
 
-    def g(x):  # per sample; g = 0 near sample 0 (all coordinates above 10): x = y from the start
-        return 0.9 * torch.tanh(x[:, [1, 2, 0]]) * (x[:, :1] < 10).to(x.dtype)
+    def g(x):
+        return 0.9 * torch.tanh(x[:, [1, 2, 0]]) * mask
 
     x_true = torch.randn(4, 3, dtype=torch.float64)
-    x_true[0] = 20.0
     y = x_true + g(x_true)
     x, info = AndersonSolver(tol=1e-10, max_iter=200).solve(g, y)
     assert info.converged
@@ -240,6 +241,27 @@ def test_converged_samples_stop_being_evaluated(solver_cls):
         alone, _ = solver_cls(tol=1e-10).solve(g.g, y[b:b + 1])
         torch.testing.assert_close(x_rec[b:b + 1], alone, rtol=0, atol=1e-13)
     torch.testing.assert_close(x_rec, x, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("solver_cls", [FixedPointSolver, AndersonSolver])
+def test_a_whole_batch_function_is_evaluated_on_the_whole_batch(solver_cls):
+    """A callable that is not a module may act on the batch as a whole (e.g. a vector-Jacobian
+    product of a batch's graph, as an implicit block's adjoint solve passes): it always gets
+    every sample, the converged ones held fixed, and the answer is the same."""
+    g = SymmetricContraction(8, 0.9)
+    x = 0.3 * torch.randn(16, 8, dtype=torch.float64)
+    x[8:] += 40.0
+    y = x + g(x)
+    shapes = []
+
+    def whole_batch(t):
+        shapes.append(t.shape[0])
+        return g(t)
+
+    x_rec, info = solver_cls(tol=1e-10).solve(whole_batch, y)
+    assert set(shapes) == {16} and info.sample_evaluations == info.evaluations
+    per_sample, _ = solver_cls(tol=1e-10).solve(RowCounting(g), y)
+    torch.testing.assert_close(x_rec, per_sample, rtol=0, atol=1e-13)
 
 
 def test_relative_tolerance_is_validated():

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch import nn
 
 from iresflow.registry import register
 
@@ -62,7 +63,10 @@ class _Solver:
 
     Sample ``b`` has converged when ``rms(x_b + f(x_b) - y_b) <= tol + rtol * rms(y_b)``
     (``tol`` absolute, ``rtol`` relative, as Residual Flows' ``atol``/``rtol``); from then on
-    it is no longer iterated (nor evaluated: samples are independent). In float32 a
+    it is no longer iterated. When ``f`` is an ``nn.Module`` (a residual function: it acts
+    on each sample alone, as the log-det estimators also rely on) it is no longer
+    evaluated there either; any other callable (e.g. a closure over the whole batch) is
+    evaluated on the whole batch, the converged samples held fixed. In float32 a
     residual below a few ulps of ``|y|`` cannot be reached: ``rtol`` of about ``1e-6``
     keeps a solve off that rounding floor.
     """
@@ -86,9 +90,10 @@ class _Solver:
             x, info = self._solve(f, y, y.clone() if x0 is None else x0.clone())
         if not info.converged:
             rel = f" + rtol {self.rtol:.1e} x rms(y)" if self.rtol else ""
+            where = f" on {info.unconverged} of {y.shape[0]} samples" if info.unconverged else ""
             msg = (f"{type(self).__name__} did not converge: residual {info.residual:.3e} > "
-                   f"tol {self.tol:.1e}{rel} on {info.unconverged} of {y.shape[0]} samples after "
-                   f"{info.iterations} iterations ({info.evaluations} evaluations)")
+                   f"tol {self.tol:.1e}{rel}{where} after {info.iterations} iterations "
+                   f"({info.evaluations} evaluations)")
             if self.strict:
                 raise ConvergenceError(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
@@ -111,17 +116,27 @@ class _Solver:
 class _Progress:
     """The samples still being solved (``active``: their indices) and each sample's last residual."""
 
-    def __init__(self, y_flat: torch.Tensor, thresholds: torch.Tensor):
+    def __init__(self, y_flat: torch.Tensor, thresholds: torch.Tensor, f: Function):
         self.batch = y_flat.shape[0]
+        self.by_sample = isinstance(f, nn.Module)
         self.active = torch.arange(self.batch, device=y_flat.device)
         self.thresholds = thresholds
         self.residuals = torch.full((self.batch,), math.inf, dtype=y_flat.dtype, device=y_flat.device)
         self.failed = torch.zeros(self.batch, dtype=torch.bool, device=y_flat.device)
         self.rows_evaluated = 0
 
+    def evaluate(self, f: Function, x_a: torch.Tensor, out: torch.Tensor, shape) -> torch.Tensor:
+        """``f`` at the active samples' iterates ``x_a`` (rows of the flat solution ``out``):
+        on those rows alone when ``f`` acts per sample, else on the whole batch."""
+        if self.by_sample or self.active.numel() == self.batch:
+            self.rows_evaluated += x_a.shape[0]
+            return f(x_a.view(-1, *shape[1:])).reshape(x_a.shape)
+        out[self.active] = x_a
+        self.rows_evaluated += self.batch
+        return f(out.view(shape)).reshape(out.shape)[self.active]
+
     def update(self, r: torch.Tensor) -> torch.Tensor:
         """Record the residual rows ``r`` of the active samples; returns the mask of those to keep."""
-        self.rows_evaluated += r.shape[0]
         rms = r.norm(dim=1) / math.sqrt(r.shape[1])
         self.residuals[self.active] = rms
         finite = torch.isfinite(rms)
@@ -144,13 +159,13 @@ class FixedPointSolver(_Solver):
     def _solve(self, f, y, x):
         shape = y.shape
         y_flat, out = y.reshape(shape[0], -1), x.reshape(shape[0], -1).clone()
-        progress = _Progress(y_flat, self._thresholds(y_flat))
+        progress = _Progress(y_flat, self._thresholds(y_flat), f)
         x_a, y_a = out, y_flat  # the active samples' iterates and targets
         evaluations = it = 0
         # Each pass: evaluate f at the current x, test it, then step. The returned
         # residual therefore belongs to the returned x.
         for it in range(self.max_iter + 1):
-            fx = f(x_a.view(-1, *shape[1:])).reshape(x_a.shape)
+            fx = progress.evaluate(f, x_a, out, shape)
             evaluations += 1
             step = y_a - fx
             keep = progress.update(x_a - step)
@@ -196,7 +211,7 @@ class AndersonSolver(_Solver):
         # More than dim + 1 residuals in dim dimensions are linearly dependent: the
         # least-squares weights become ill-determined and the steps worse.
         m = min(self.memory, dim + 1)
-        progress = _Progress(y_flat, self._thresholds(y_flat))
+        progress = _Progress(y_flat, self._thresholds(y_flat), f)
         out = x.reshape(batch, -1).clone()
         # The active samples: iterates, targets and history ring buffers (iterates, residuals).
         x_a, y_a = out, y_flat
@@ -204,7 +219,7 @@ class AndersonSolver(_Solver):
         fs = y_flat.new_zeros(batch, m, dim)
         evaluations = it = 0
         for it in range(self.max_iter + 1):
-            fx = f(x_a.view(-1, *shape[1:])).reshape(x_a.shape)
+            fx = progress.evaluate(f, x_a, out, shape)
             evaluations += 1
             r = y_a - fx - x_a  # G(x) - x
             keep = progress.update(r)
