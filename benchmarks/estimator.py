@@ -17,6 +17,10 @@ points x, and we report
 for the truncated series (n = 1..20 terms: bias ~ Lip^n, small variance) and
 Russian roulette (geometric p = 0.5, n_terms = 0..10: unbiased, the
 variance paying for it). No target: this is the curve a user reads to pick n.
+
+Second part (:func:`trace_variances`): the variance of the log-det estimate per trace
+estimator (kind ``trace``) at the same number of vector-Jacobian products, on a
+Jacobian with a flat spectrum (the orthogonal g) and one with a decaying spectrum.
 """
 
 from __future__ import annotations
@@ -88,12 +92,14 @@ def run(ctx: Context) -> dict:
             ctx.log(f"estimator: {name:16s} {r['label']:9s} cost {r['cost']:5.2f}  "
                     f"bias {r['bias']:+.2e}  std {r['std']:.2e}  rmse {r['rmse']:.2e}")
 
+    traces = trace_variances(ctx)
     res = {"settings": {"dim": dim, "hidden": [dim, dim], "activation": "elu", "weights": "orthogonal",
                         "lipschitz_certified": c, "dtype": "float64", "points": points,
-                        "draws": draws, "probe": "gaussian", "n_probes": 1, "geom_p": 0.5},
+                        "draws": draws, "trace": {"name": "hutchinson", "n_probes": 1, "probe": "gaussian"},
+                        "geom_p": 0.5},
            "empirical_contraction_rate": contraction_rate(g, x + g(x)),
            "exact_logdet_mean": exact.mean().item(), "exact_logdet_std": exact.std().item(),
-           "series": rows, "targets": []}
+           "series": rows, "trace_estimators": traces, "targets": []}
     res["table"] = []
     for name, rs in rows.items():
         for r in rs:
@@ -104,8 +110,85 @@ def run(ctx: Context) -> dict:
                 continue
             res["table"].append({"metric": f"{name} {r['label']} (cost {r['cost']:.1f} vjp): |bias| / std",
                                  "iresflow": f"{r['abs_bias_per_point']:.1e} / {r['std']:.1e}"})
+    for spectrum, entries in traces["rows"].items():
+        for r in entries:
+            res["table"].append({"metric": f"trace {r['label']}, {spectrum} spectrum ({r['cost']} vjp): "
+                                           "variance of the log-det",
+                                 "iresflow": f"{r['variance']:.2e}", "ratio": r["variance_vs_hutchinson"],
+                                 "ratio_meaning": "variance / Hutchinson's (Gaussian)"})
     res["plots"] = [_plot(ctx, rows)]
     return jsonable(res)
+
+
+def decaying_g(dim: int, device, seed: int, decay: float = 0.6):
+    """MLP dim-dim-dim-dim with ELU whose three maps have singular values ``s * decay^i`` (top
+    one at the per-map bound): a Jacobian with a decaying spectrum, where a low-rank sketch
+    holds most of each trace."""
+    from iresflow.nn.lipschitz import LIPSCHITZ_LAYERS, update_lipschitz
+    from iresflow.nn.residual import MLPResidual
+    from iresflow.registry import factory
+
+    c = 0.9 ** (1.0 / 3.0)
+    torch.manual_seed(seed)
+    g = MLPResidual(dim, hidden=(dim, dim), activation=factory("activation", "elu"), coeff=c, n_iterations=1,
+                    preact=False)
+    gen = torch.Generator().manual_seed(seed)
+    sv = c * decay ** torch.arange(dim, dtype=torch.float64)
+    with torch.no_grad():
+        for m in g.modules():
+            if isinstance(m, LIPSCHITZ_LAYERS):
+                q1, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))
+                q2, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))
+                m.weight.copy_((q1 * sv) @ q2.t())
+    g = g.to(device=device, dtype=torch.float64)
+    update_lipschitz(g, n_iterations=200)
+    return g.eval()
+
+
+def trace_variances(ctx: Context) -> dict:
+    """Variance of the log-det estimate (truncated series, n terms) per trace estimator, all
+    at the same number of vector-Jacobian products: Hutchinson with P probes (Gaussian,
+    Rademacher), Hutch++ with a rank-r sketch (r products) and m deflated probes
+    (r + n (r + m) = n P), and the exact trace (d = P probes: no variance)."""
+    from iresflow.nn.logdet import ExactTrace, Hutchinson, HutchPlusPlus, PowerSeriesLogDet
+
+    from benchmarks.inverse import make_g
+
+    dim, n = 16, 8
+    budget = dim  # vectors per term: the exact trace's d
+    rank, m = dim // 2, dim // 2 - 1  # r + n (r + m) = 8 + 8 * 15 = 128 = n * budget
+    points, draws = (4, 40) if ctx.quick else (16, 400)
+    estimators = {  # the first is the reference of the variance ratios
+        f"hutchinson (Gaussian, {budget} probes)": Hutchinson(n_probes=budget),
+        f"hutchinson (Rademacher, {budget} probes)": Hutchinson(n_probes=budget, probe="rademacher"),
+        f"hutchpp (rank {rank}, {m} probes)": HutchPlusPlus(rank=rank, n_probes=m),
+        "exact": ExactTrace(),
+        # a small budget: 4 vectors per term (Hutch++: 2 + 3 per term, slightly cheaper)
+        "hutchinson (Gaussian, 4 probes)": Hutchinson(n_probes=4),
+        "hutchpp (rank 2, 1 probe)": HutchPlusPlus(rank=2, n_probes=1),
+    }
+    gs = {"flat (orthogonal maps)": make_g(0.9, dim, ctx.device, ctx.seed),
+          "decaying": decaying_g(dim, ctx.device, ctx.seed)}
+    gen = torch.Generator().manual_seed(ctx.seed + 2)
+    x = (1.5 * torch.randn(points, dim, generator=gen, dtype=torch.float64)).to(ctx.device)
+    xr = x.repeat(draws, 1)  # every row draws its own probes: draws x points independent estimates
+    out = {"dim": dim, "n_terms": n, "vectors_per_term": budget, "points": points, "draws": draws, "rows": {}}
+    torch.manual_seed(ctx.seed)
+    for spectrum, g in gs.items():
+        entries = []
+        for label, trace in estimators.items():
+            with torch.no_grad():
+                _, ld = PowerSeriesLogDet(n_terms=n, trace=trace)(g, xr)
+            var = ld.view(draws, points).var(0).mean().item()
+            cost = trace.n_sketch(x) + n * trace.n_vectors(x)
+            entries.append({"label": label, "cost": cost, "variance": var})
+        base = entries[0]["variance"]
+        for e in entries:
+            e["variance_vs_hutchinson"] = e["variance"] / base if base > 0 else None
+            ctx.log(f"estimator: trace {e['label']:36s} {spectrum:22s} cost {e['cost']:3d} vjp  "
+                    f"variance {e['variance']:.2e} ({e['variance_vs_hutchinson']:.3f} of Hutchinson's)")
+        out["rows"][spectrum] = entries
+    return out
 
 
 def _stats(exact_trace: torch.Tensor, hutchinson: torch.Tensor, exact: torch.Tensor, cost: float,

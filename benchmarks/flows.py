@@ -152,11 +152,11 @@ def iresflow_estimator_node(s: FlowSettings) -> dict:
     if s.estimator == "russian_roulette":
         k = match_normflows_terms(s.n_exact_terms) if s.ires_n_exact_terms is None else s.ires_n_exact_terms
         return {"name": "russian_roulette", "distribution": "geometric", "p": s.geom_p,
-                "n_terms": k, "n_probes": 1, "probe": "gaussian",
+                "n_terms": k, "trace": {"name": "hutchinson", "n_probes": 1, "probe": "gaussian"},
                 "gradient": s.gradient}
     if s.estimator == "power_series":
-        return {"name": "power_series", "n_terms": s.n_terms, "n_probes": 1, "probe": "gaussian",
-                "gradient": s.gradient}
+        return {"name": "power_series", "n_terms": s.n_terms,
+                "trace": {"name": "hutchinson", "n_probes": 1, "probe": "gaussian"}, "gradient": s.gradient}
     raise ValueError(f"unknown estimator {s.estimator!r}")
 
 
@@ -173,7 +173,7 @@ def iresflow_residual(s: FlowSettings) -> nn.Module:
                         n_iterations=s.n_power_iterations, preact=True)
 
 
-def build_iresflow(s: FlowSettings, device) -> IresflowChain:
+def build_iresflow(s: FlowSettings, device, compiled: bool = False) -> IresflowChain:
     import iresflow.nn  # noqa: F401 - registers the built-ins
     from iresflow.nn.block import InvertibleResidualBlock
     from iresflow.nn.layers import ActNorm
@@ -186,7 +186,12 @@ def build_iresflow(s: FlowSettings, device) -> IresflowChain:
                                               estimator=factory("estimator", iresflow_estimator_node(s))))
         if s.actnorm:
             layers.append(ActNorm(s.shape[0]))
-    return IresflowChain(layers).to(device).train()
+    flow = IresflowChain(layers).to(device).train()
+    if compiled:  # what ResidualFlow(compile=True) does
+        from iresflow.nn.activations import compile_activations
+
+        compile_activations(flow)
+    return flow
 
 
 def strip_spectral_norm(module: nn.Module) -> nn.Module:
@@ -221,14 +226,28 @@ def without_dense_jacobian():
     """iresflow without its small-dimension path (the per-sample Jacobian from D
     forward-mode passes, for inputs of D <= min(n, 8) dimensions): every series term
     is then a vector-Jacobian product through the network."""
-    from iresflow.nn import logdet
+    from iresflow.nn.logdet import fused
 
-    old = logdet._DENSE_JACOBIAN_MAX_DIM
-    logdet._DENSE_JACOBIAN_MAX_DIM = 0
+    old = fused.DENSE_JACOBIAN_MAX_DIM
+    fused.DENSE_JACOBIAN_MAX_DIM = 0
     try:
         yield
     finally:
-        logdet._DENSE_JACOBIAN_MAX_DIM = old
+        fused.DENSE_JACOBIAN_MAX_DIM = old
+
+
+@contextlib.contextmanager
+def without_onednn():
+    """iresflow with the fused path's matrix products on torch's own ``mm`` (MKL on CPU)
+    instead of oneDNN (``iresflow.nn.logdet.gemm``)."""
+    from iresflow.nn.logdet import gemm
+
+    old = gemm.onednn_enabled
+    gemm.onednn_enabled = False
+    try:
+        yield
+    finally:
+        gemm.onednn_enabled = old
 
 
 @contextlib.contextmanager
@@ -320,8 +339,8 @@ class Side:
         return loss
 
 
-def iresflow_side(s: FlowSettings, device, x: torch.Tensor, model=None) -> Side:
-    flow = model if model is not None else build_iresflow(s, device)
+def iresflow_side(s: FlowSettings, device, x: torch.Tensor, model=None, compiled: bool = False) -> Side:
+    flow = model if model is not None else build_iresflow(s, device, compiled=compiled)
     opt = torch.optim.Adam(flow.parameters(), lr=s.lr)
 
     def step():
@@ -355,3 +374,61 @@ def normflows_side(s: FlowSettings, device, x: torch.Tensor, **kw) -> Side:
 
 def count_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters() if p.requires_grad)
+
+
+# --------------------------------------------------------------------------- common random numbers
+class CommonDraws:
+    """The same Russian-roulette draws on both sides, step by step (common random numbers):
+    the k-th training step of every side uses the k-th list of per-block draws, so a pair of
+    steps does the same work and its time ratio measures speed, not luck.
+
+    normflows draws ``N ~ geometric(p)`` on {1, 2, ...} (``np.random.geometric``) on top of
+    its ``n_exact_terms``; iresflow counts its ``N`` from 0 on top of one more exact term
+    (:func:`match_normflows_terms`): the same draw is ``N - 1`` there.
+    """
+
+    def __init__(self, p: float, n_blocks: int, seed: int):
+        import numpy as np
+
+        self.rng = np.random.default_rng(seed)
+        self.p, self.n_blocks = p, n_blocks
+        self.lists: list[list[int]] = []
+
+    def draws(self, k: int) -> list[int]:
+        while len(self.lists) <= k:
+            self.lists.append([int(n) for n in self.rng.geometric(self.p, self.n_blocks)])
+        return self.lists[k]
+
+    def iresflow(self, side: Side) -> Side:
+        """``side`` with every step's roulette draws taken from the common lists."""
+        count = [0]
+        estimators = [b.estimator for b in side.model.blocks]
+        plain = side.step
+
+        def step():
+            it = iter(self.draws(count[0]))
+            count[0] += 1
+            for est in estimators:
+                est.sample_n = (lambda n=next(it): n - 1)
+            return plain()
+
+        return replace(side, step=step)
+
+    def normflows(self, side: Side) -> Side:
+        import normflows.flows.residual as nf_residual
+        import numpy as np
+
+        count = [0]
+        plain = side.step
+
+        def step():
+            it = iter(self.draws(count[0]))
+            count[0] += 1
+            original = nf_residual.geometric_sample
+            nf_residual.geometric_sample = lambda p, m: np.array([next(it) for _ in range(m)])
+            try:
+                return plain()
+            finally:
+                nf_residual.geometric_sample = original
+
+        return replace(side, step=step)

@@ -36,6 +36,7 @@ BENCHMARKS = {
     "inverse": "benchmarks.inverse",
     "estimator": "benchmarks.estimator",
     "lipschitz": "benchmarks.lipschitz",
+    "scaling": "benchmarks.scaling",
     "cifar": "benchmarks.cifar",
     "checkpoint": "benchmarks.checkpoint",
 }

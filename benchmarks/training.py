@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import time
 
+import numpy as np
 import torch
 
 from benchmarks.common import (Context, interleaved, jsonable, median, pair_ratios, peak_memory,
                                saved_tensor_bytes, summarize_times)
-from benchmarks.flows import (FlowSettings, Side, batch_for, count_params, iresflow_estimator_node,
-                              iresflow_side, normflows_side)
+from benchmarks.flows import (CommonDraws, FlowSettings, Side, batch_for, count_params,
+                              iresflow_estimator_node, iresflow_side, normflows_side)
 
 
 def profile_side(ctx: Context, side: Side, steps: int, tag: str, row_limit: int = 25) -> dict:
@@ -41,13 +43,20 @@ def compare_steps(ctx: Context, s: FlowSettings, *, pairs: int, warmup: int, tag
 
     ``variants``: ``{name: context-manager factory}``: more iresflow sides (same
     settings) whose every step runs inside that context -- ablations of a fast
-    path, timed in the same interleaved rounds and reported as information.
+    path, timed in the same interleaved rounds and reported as information. The
+    factory :data:`COMPILED` instead builds the side with the compile option
+    (``ResidualFlow(compile=True)``); its compilation happens in the warm-up steps.
     """
     torch.manual_seed(ctx.seed)
     x = batch_for(s, ctx.device, ctx.seed)
+    # Both sides draw the same roulette N in each step (common random numbers): equal work per pair.
+    common = CommonDraws(s.geom_p, s.n_blocks, ctx.seed) if s.estimator == "russian_roulette" else None
     ires = iresflow_side(s, ctx.device, x)
     torch.manual_seed(ctx.seed)
+    np.random.seed(ctx.seed)
     ref = normflows_side(s, ctx.device, x)
+    if common is not None:
+        ires, ref = common.iresflow(ires), common.normflows(ref)
     ctx.log(f"{tag}: params iresflow={count_params(ires.model)} normflows={count_params(ref.model)}")
     fns = {"iresflow": ires.logged_step, "normflows": ref.logged_step}
     nominal = None
@@ -55,14 +64,21 @@ def compare_steps(ctx: Context, s: FlowSettings, *, pairs: int, warmup: int, tag
         # Also the literal reading "iresflow n_exact_terms = 2" (one term fewer on
         # average than normflows' "2"): reported, not used for the target.
         torch.manual_seed(ctx.seed)
-        nominal = iresflow_side(s.with_(ires_n_exact_terms=s.n_exact_terms), ctx.device, x)
+        nominal = common.iresflow(iresflow_side(s.with_(ires_n_exact_terms=s.n_exact_terms), ctx.device, x))
         fns["iresflow_nominal"] = nominal.logged_step
     extra = {}
     for name, context in (variants or {}).items():
         torch.manual_seed(ctx.seed)
-        side = iresflow_side(s, ctx.device, x)
+        side = iresflow_side(s, ctx.device, x, compiled=context is COMPILED)
+        if common is not None:
+            side = common.iresflow(side)
         extra[name] = side
-        fns[name] = _within(context, side.logged_step)
+        fns[name] = side.logged_step if context is COMPILED else _within(context, side.logged_step)
+        if context is COMPILED:
+            t0 = time.perf_counter()
+            for _ in range(3):  # compiles every activation piece (first shapes, then dynamic ones)
+                side.step()
+            ctx.log(f"{tag}: variant {name}: compiled in {time.perf_counter() - t0:.1f} s")
 
     times = interleaved(fns, ctx.device, pairs=pairs, warmup=warmup)
     speedups = pair_ratios(times["normflows"], times["iresflow"])
@@ -85,7 +101,9 @@ def compare_steps(ctx: Context, s: FlowSettings, *, pairs: int, warmup: int, tag
         out["variants"] = {}
         for name, side in extra.items():
             sp = pair_ratios(times["normflows"], times[name])
+            own = pair_ratios(times["iresflow"], times[name])  # the variant against the default, per pair
             out["variants"][name] = {"speedup_per_pair": sp, "speedup_median": median(sp),
+                                     "speedup_vs_default_median": median(own),
                                      "mean_series_terms": _mean(side.term_log)}
             ctx.log(f"{tag}: variant {name}: speed-up x{median(sp):.2f}")
     ctx.log(f"{tag}: iresflow {out['time']['iresflow']['median_s']*1e3:.1f} ms, "
@@ -106,6 +124,10 @@ def compare_steps(ctx: Context, s: FlowSettings, *, pairs: int, warmup: int, tag
     if ctx.profile:
         out["profile"] = {side.name: profile_side(ctx, side, 3, tag) for side in (ires, ref)}
     return jsonable(out)
+
+
+# The variant marker for the compile option (see compare_steps).
+COMPILED = object()
 
 
 def _within(context, step):

@@ -62,9 +62,20 @@ def test_quick_run_writes_results(tmp_path):  # about 5 s on one core
     assert terms["iresflow"] and terms["normflows"]
     assert {"iresflow", "normflows"} <= set(toy["time"])
     # the ablations of the fast paths are timed in the same rounds
-    assert set(toy["variants"]) == {"without_dense_jacobian", "generic_autograd_path"}
+    assert set(toy["variants"]) == {"without_dense_jacobian", "without_onednn", "generic_autograd_path"}
     assert all(v["speedup_median"] > 0 for v in toy["variants"].values())
     assert data["benchmarks"]["image"]["peak_memory_ratio"] > 0
     assert "jacobian_spectrum" in data["benchmarks"]["inverse"]
+    trained = data["benchmarks"]["inverse"]["trained"]["rows"]
+    assert all(0 < r["evaluations_per_sample"] <= r["evaluations"] for rows in trained.values() for r in rows.values())
+    # the variance of the log-det per trace estimator, at stated costs; the exact trace has none
+    traces = data["benchmarks"]["estimator"]["trace_estimators"]["rows"]
+    for entries in traces.values():
+        by_label = {e["label"]: e for e in entries}
+        assert by_label["exact"]["variance"] < 1e-20 and all(e["cost"] > 0 for e in entries)
+    # cost growth: an exponent per size, memory flat in the series length for memory_efficient
+    studies = data["benchmarks"]["scaling"]["studies"]
+    assert {"batch", "width", "depth", "series length (memory_efficient)"} <= set(studies)
+    assert abs(studies["series length (memory_efficient)"]["memory_exponent"]) < 0.2
     assert (out / "results.md").read_text().startswith("# iresflow benchmarks")
-    assert data["summary"]["targets_total"] == len(data["targets"]) >= 7
+    assert data["summary"]["targets_total"] == len(data["targets"]) >= 9

@@ -85,7 +85,7 @@ def scratch_estimator():
     name = "test_series_only"
 
     @registry.register("estimator", name, description="test only", override=True)
-    def series(n_terms: int = 5, n_probes: int = 1, gradient: str = "backprop"):
+    def series(n_terms: int = 5, trace=None, gradient: str = "backprop"):
         return None
 
     yield name
@@ -95,10 +95,11 @@ def scratch_estimator():
 def test_switching_a_component_keeps_only_what_it_accepts(scratch_estimator):
     cfg = load_config([f"model.estimator.name={scratch_estimator}", "model.estimator.n_terms=8"])
     node = OmegaConf.to_container(cfg.model.estimator)
-    assert node == {"name": scratch_estimator, "n_terms": 8, "n_probes": 1, "gradient": "neumann"}
+    assert node == {"name": scratch_estimator, "n_terms": 8, "gradient": "neumann",
+                    "trace": {"name": "hutchinson", "n_probes": 1, "probe": "gaussian"}}
     # the shorthand model.estimator=NAME does the same
     cfg = load_config([f"model.estimator={scratch_estimator}"])
-    assert set(cfg.model.estimator) == {"name", "n_terms", "n_probes", "gradient"}
+    assert set(cfg.model.estimator) == {"name", "n_terms", "trace", "gradient"}
     with pytest.raises(ConfigError, match="russian_roulette|Available"):
         load_config(["model.estimator.name=rusian_roulette"])
 

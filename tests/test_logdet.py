@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from iresflow.nn.logdet import ExactLogDet, PowerSeriesLogDet, RussianRouletteLogDet
+from iresflow.nn.logdet import ExactLogDet, Hutchinson, PowerSeriesLogDet, RussianRouletteLogDet
 from iresflow.registry import build, build_node
 
 torch.set_num_threads(1)
@@ -146,13 +146,13 @@ def test_several_probes_average_single_probe_estimates():
     g = ContractiveMLP(6, 8, 0.9)
     x = torch.randn(3, 2, 3, dtype=DT)
     probes = torch.randn(4, *x.shape, dtype=DT)
-    est = PowerSeriesLogDet(n_terms=5, n_probes=4)
+    est = PowerSeriesLogDet(n_terms=5, trace=Hutchinson(n_probes=4))
     gx, together = est(g, x, probes=probes)
     singles = torch.stack([PowerSeriesLogDet(n_terms=5)(g, x, probes=p)[1] for p in probes])
     assert torch.allclose(together, singles.mean(0), atol=1e-13)
     assert torch.allclose(gx, g(x))
     # Rademacher probes sample +-1.
-    est_r = PowerSeriesLogDet(n_terms=2, n_probes=3, probe="rademacher")
+    est_r = PowerSeriesLogDet(n_terms=2, trace=Hutchinson(n_probes=3, probe="rademacher"))
     _, ld = est_r(g, x)
     assert ld.shape == (3,)
 
@@ -201,7 +201,7 @@ def test_roulette_unbiased_monte_carlo(distribution):
     # N is shared by a batch, so the independent draws are the calls; within a call a
     # batch of identical samples averages 64 Rademacher probes.
     est = RussianRouletteLogDet(distribution=distribution, p=0.5, lam=1.0, n_terms=1,
-                                probe="rademacher")
+                                trace=Hutchinson(probe="rademacher"))
     x = x0.expand(64, 4)
     with torch.no_grad():
         draws = torch.stack([est(g, x)[1].mean() for _ in range(2000)])
@@ -329,7 +329,7 @@ def test_no_grad_gives_same_values_without_graph(mode):
     g = ContractiveMLP(4, 8, 0.9)
     x = torch.randn(3, 4, dtype=DT, requires_grad=True)
     probes = torch.randn(2, 3, 4, dtype=DT)
-    est = PowerSeriesLogDet(n_terms=4, n_probes=2, gradient=mode)
+    est = PowerSeriesLogDet(n_terms=4, trace=Hutchinson(n_probes=2), gradient=mode)
     _, with_grad = est(g, x, probes=probes)
     with torch.no_grad():
         gx, without = est(g, x, probes=probes)
@@ -399,3 +399,104 @@ def test_memory_constant_in_number_of_terms():
     assert res[("backprop", 20)][0] > 4 * res[("backprop", 2)][0]
     # Backward-in-forward frees the second-order graph before returning.
     assert res[("memory_efficient", 20)][1] < res[("neumann", 20)][1]
+
+
+# --------------------------------------------------------------------------- no grad: no power iteration
+
+
+def _lipschitz_g(dtype=DT):
+    from iresflow.nn.residual import MLPResidual
+
+    torch.manual_seed(0)
+    g = MLPResidual(3, (8, 8), coeff=0.9, n_iterations=3).to(dtype).train()
+    with torch.no_grad():  # the vectors no longer match the weights: an iteration would move them
+        for m in g.modules():
+            if hasattr(m, "weight_for"):
+                m.weight.add_(torch.randn_like(m.weight))
+    return g
+
+
+class Opaque(nn.Module):
+    """Hides ``g``'s structure: the estimators take the autograd path."""
+
+    def __init__(self, g):
+        super().__init__()
+        self.g = g
+
+    def forward(self, x):
+        return self.g(x)
+
+
+def _vectors(g):
+    return [t.clone() for m in g.modules() if hasattr(m, "weight_for") for t in (m.u, m.v, m.sigma)]
+
+
+@pytest.mark.parametrize("structured", [True, False])
+@pytest.mark.parametrize("estimator", ["exact", "power_series", "russian_roulette"])
+@pytest.mark.parametrize("mode", ["backprop", "neumann", "memory_efficient"])
+def test_estimator_under_no_grad_runs_no_power_iteration(estimator, mode, structured):
+    """Like a plain g(x) under no_grad (which runs none), even where the estimator re-enables grad."""
+    g = _lipschitz_g()
+    target = g if structured else Opaque(g)
+    x = torch.randn(4, 3, dtype=DT)
+    before = _vectors(g)
+    with torch.no_grad():
+        expected = g(x)
+        assert all(torch.equal(a, b) for a, b in zip(before, _vectors(g)))
+        gx, logdet = build("estimator", estimator, gradient=mode)(target, x)
+    assert all(torch.equal(a, b) for a, b in zip(before, _vectors(g)))
+    assert not logdet.requires_grad and torch.allclose(gx, expected)
+    # with grad on, a training forward iterates, as g(x) does
+    build("estimator", estimator, gradient=mode)(target, x)
+    assert not all(torch.equal(a, b) for a, b in zip(before, _vectors(g)))
+
+
+# --------------------------------------------------------------------------- exact: what is caught
+
+
+class _CountedFailure(torch.autograd.Function):
+    """Identity whose backward fails for real (an allocation no machine can serve)."""
+
+    calls = 0
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        _CountedFailure.calls += 1
+        torch.empty(1 << 62, dtype=torch.uint8)  # RuntimeError: the allocator cannot serve it
+        return grad
+
+
+class _UnbatchableBackward(torch.autograd.Function):
+    """Identity whose backward writes into a fixed buffer: vmap has no rule for that."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.buffer = torch.empty_like(x)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.buffer.copy_(grad)
+        return ctx.buffer.clone()
+
+
+def test_exact_jacobian_does_not_retry_a_real_failure():
+    """An error inside the batched vector-Jacobian products (here a real out-of-memory) is raised
+    as it is, once -- not taken for a missing batching rule and retried row by row."""
+    g = ContractiveMLP(3, 8, 0.9)
+    x = torch.randn(4, 3, dtype=DT)
+    _CountedFailure.calls = 0
+    with pytest.raises(RuntimeError, match="allocat"):
+        ExactLogDet()(lambda t: g(_CountedFailure.apply(t)), x)
+    assert _CountedFailure.calls == 1
+
+
+def test_exact_jacobian_falls_back_where_vmap_has_no_rule():
+    g = ContractiveMLP(3, 8, 0.9)
+    x = torch.randn(4, 3, dtype=DT)
+    _, logdet = ExactLogDet()(lambda t: g(_UnbatchableBackward.apply(t)), x)
+    torch.testing.assert_close(logdet, brute_logdet(g, x), rtol=0, atol=1e-12)

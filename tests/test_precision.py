@@ -22,9 +22,9 @@ from torch import nn
 
 import iresflow.nn.lipschitz as lipschitz
 from iresflow.models.flow import ResidualFlow
-from iresflow.nn.activations import ELU, LipSwish, Softplus, _LipSwishWithDerivative
-from iresflow.nn.lipschitz import (LipschitzConv2d, LipschitzLinear, _conv_forward, _conv_input_grad, _conv_kind,
-                                   _conv_weight_grad, update_lipschitz)
+from iresflow.nn.activations import ELU, LipSwish, Softplus, _ValueAndSlope
+from iresflow.nn.conv_ops import conv_forward, conv_input_grad, conv_strategy, conv_weight_grad
+from iresflow.nn.lipschitz import LipschitzConv2d, LipschitzLinear, update_lipschitz
 from iresflow.nn.logdet import PowerSeriesLogDet, RussianRouletteLogDet
 from iresflow.nn.residual import ConvResidual, MLPResidual
 from iresflow.registry import factory
@@ -45,12 +45,23 @@ def _rel_err(a, b):
 # --------------------------------------------------------------------------- mixed precision
 
 
-@pytest.mark.parametrize("mode", ["backprop", "neumann", "memory_efficient"])
-def test_block_logdet_under_bf16_autocast_accumulates_in_float32(mode):
+def _bf16_block(kind):
     torch.manual_seed(0)
-    g = MLPResidual(4, [32], coeff=0.9)
-    x = torch.randn(64, 4)
-    probes = torch.randn(1, 64, 4)
+    if kind == "mlp":
+        return MLPResidual(4, [32], coeff=0.9), torch.randn(64, 4)
+    # k x k kernels (3-1-3): the fused path's convolution weight gradients meet a bfloat16
+    # cotangent and a float32 tangent. Converged power-iteration vectors, so that the
+    # training forward's iteration leaves the function unchanged between the two calls.
+    g = ConvResidual(2, (6, 6), 8, coeff=0.9)
+    update_lipschitz(g, n_iterations=2000)
+    return g, torch.randn(16, 2, 6, 6)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+@pytest.mark.parametrize("mode", ["backprop", "neumann", "memory_efficient"])
+def test_block_logdet_under_bf16_autocast_accumulates_in_float32(mode, kind):
+    g, x = _bf16_block(kind)
+    probes = torch.randn(1, *x.shape)
     est = PowerSeriesLogDet(n_terms=8, gradient=mode)
     _, ref = est(g, x, probes=probes)
     with torch.autocast(**BF16):
@@ -143,11 +154,12 @@ def _residual(kind, activation, preact):
 
 
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
-@pytest.mark.parametrize("activation", ["lipswish", "elu", "softplus"])
+@pytest.mark.parametrize("activation", ["lipswish", "elu", "softplus", "relu", "identity"])
 @pytest.mark.parametrize("mode", ["backprop", "neumann", "memory_efficient"])
 @pytest.mark.parametrize("n_probes", [1, 2])
 def test_structured_paths_match_autograd(kind, activation, mode, n_probes):
-    g, x = _residual(kind, activation, preact=(activation != "softplus"))
+    # (relu with several probes once crashed the memory-efficient path: a None second derivative)
+    g, x = _residual(kind, activation, preact=(activation not in ("softplus", "relu")))
     probes = torch.randn(n_probes, *x.shape, dtype=x.dtype)
     est = PowerSeriesLogDet(n_terms=4, gradient=mode)  # MLP, 1 probe: the dense-Jacobian path (D=3 <= 4)
     for weights in (torch.ones(x.shape[0], dtype=x.dtype), torch.rand(x.shape[0], dtype=x.dtype)):
@@ -176,8 +188,13 @@ def test_lipswish_closed_form_derivatives():
     torch.manual_seed(0)
     x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     beta = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(_LipSwishWithDerivative.apply, (x, beta))
-    assert torch.autograd.gradgradcheck(_LipSwishWithDerivative.apply, (x, beta))
+    lipswish = LipSwish().double()
+
+    def value_and_slope(x, beta):  # the autograd function derived from LipSwish's formulas
+        return _ValueAndSlope.apply(lipswish, x, beta)
+
+    assert torch.autograd.gradcheck(value_and_slope, (x, beta))
+    assert torch.autograd.gradgradcheck(value_and_slope, (x, beta))
     for act in (LipSwish(0.7).double(), ELU(), Softplus()):
         y, d = act.forward_and_derivative(x)
         d_ref, = torch.autograd.grad(act(x).sum(), x, create_graph=True)
@@ -221,7 +238,7 @@ def test_gram_power_iteration_equals_plain_iteration(shape, n, monkeypatch):
 def test_thin_convolutions_as_matmuls(c, o, k, pad, stride):
     torch.manual_seed(0)
     m = nn.Conv2d(c, o, k, stride=stride, padding=pad).double()
-    kind = _conv_kind(m)
+    kind = conv_strategy(m)
     x = torch.randn(3, c, 7, 6, dtype=torch.float64)
     ref = F.conv2d(x, m.weight, m.bias, m.stride, m.padding)
     g = torch.randn_like(ref)
@@ -229,6 +246,27 @@ def test_thin_convolutions_as_matmuls(c, o, k, pad, stride):
                                                      [0, 0], 1, [True, True, False])
     h, w = x.shape[-2:]
     op = tuple(int(s + 2 * pad - k - (so - 1) * stride) for s, so in zip((h, w), ref.shape[-2:]))
-    torch.testing.assert_close(_conv_forward(kind, m, x, m.weight, m.bias), ref)
-    torch.testing.assert_close(_conv_input_grad(kind, m, g, m.weight, (h, w), op), gin)
-    torch.testing.assert_close(_conv_weight_grad(kind, m, g, x, m.weight), gw)
+    torch.testing.assert_close(conv_forward(kind, m, x, m.weight, m.bias), ref)
+    torch.testing.assert_close(conv_input_grad(kind, m, g, m.weight, op), gin)
+    torch.testing.assert_close(conv_weight_grad(kind, m, g, x, m.weight), gw)
+
+
+@pytest.mark.skipif(not __import__("iresflow.nn.logdet.gemm", fromlist=["x"]).onednn_enabled,
+                    reason="this torch build has no oneDNN matmul op")
+@pytest.mark.parametrize("activation", ["lipswish", "elu"])
+def test_onednn_products_equal_torch_products_in_float32(activation, monkeypatch):
+    """The fused path's float32 matrix products go to oneDNN (float64 ones, as in the tests
+    above, to torch): the same values and gradients up to float32 summation order."""
+    from iresflow.nn.logdet import gemm
+
+    torch.manual_seed(0)
+    g = MLPResidual(3, (64, 64), activation=factory("activation", activation), coeff=0.9, n_iterations=0)
+    x = torch.randn(256, 3)
+    est = PowerSeriesLogDet(n_terms=6, gradient="memory_efficient")
+    w = torch.rand(x.shape[0])
+    probes = torch.randn(1, *x.shape)
+    fast = _grads(est, g, x, probes, w)
+    monkeypatch.setattr(gemm, "onednn_enabled", False)
+    ref = _grads(est, g, x, probes, w)
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -175,3 +175,96 @@ def test_anderson_survives_samples_that_converge_first():
     x, info = AndersonSolver(tol=1e-10, max_iter=200).solve(g, y)
     assert info.converged
     torch.testing.assert_close(x, x_true, atol=1e-9, rtol=0)
+
+
+# --------------------------------------------------------------------------- relative tolerance, per sample
+
+
+class RowCounting(nn.Module):
+    """Counts the calls and the rows (samples) it was evaluated on."""
+
+    def __init__(self, g):
+        super().__init__()
+        self.g, self.calls, self.rows = g, 0, 0
+
+    def forward(self, x):
+        self.calls += 1
+        self.rows += x.shape[0]
+        return self.g(x)
+
+
+def _large_output_block():
+    """A float32 block whose outputs are about 9 in size (large biases)."""
+    g = ContractiveMLP(8, 32, 0.9, dtype=torch.float32)
+    with torch.no_grad():
+        g.l2.bias.fill_(9.0)
+    x = torch.randn(64, 8)
+    return g, x, x + g(x)
+
+
+@pytest.mark.parametrize("solver_cls", [FixedPointSolver, AndersonSolver])
+def test_float32_rounding_floor_needs_a_relative_tolerance(solver_cls):
+    """At |y| ~ 9 float32 rounds x + g(x) - y to about 5e-7: a smaller absolute tolerance is out
+    of reach for the fixed point (the solve stalls and says so); tol + rtol * |y| is reached
+    quickly and accurately by both solvers."""
+    g, x, y = _large_output_block()
+    print(f"rms(y) = {(y.norm(dim=1) / 8 ** 0.5).mean():.1f}")
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        _, stalled = FixedPointSolver(tol=1e-7, max_iter=300).solve(g, y)
+    assert not stalled.converged and stalled.iterations == 300 and stalled.unconverged > 0
+    x_rec, info = solver_cls(tol=1e-7, rtol=1e-6, max_iter=300).solve(g, y)
+    err = (x_rec - x).abs().max().item()
+    print(f"fixed point stalled at residual {stalled.residual:.1e} after 300 iterations; {solver_cls.__name__} "
+          f"with rtol 1e-6: {info.iterations} iterations, residual {info.residual:.1e}, max error {err:.1e}")
+    assert info.converged and info.iterations < 60
+    rms_y = y.norm(dim=1) / 8 ** 0.5
+    per_sample = ((x_rec + g(x_rec) - y).norm(dim=1) / 8 ** 0.5)
+    assert bool((per_sample <= 1e-7 + 1e-6 * rms_y + 1e-6).all())  # (+ the float32 rounding of this check)
+    assert err < 1e-4
+
+
+@pytest.mark.parametrize("solver_cls", [FixedPointSolver, AndersonSolver])
+def test_converged_samples_stop_being_evaluated(solver_cls):
+    """Samples are solved independently: easy ones (tanh saturated: g is nearly constant) stop
+    after a few evaluations while the hard ones go on, and the answer is what each sample
+    gets when solved alone."""
+    g = RowCounting(SymmetricContraction(8, 0.9))
+    x = 0.3 * torch.randn(16, 8, dtype=torch.float64)
+    x[8:] += 40.0  # far out: tanh' ~ 0
+    y = x + g.g(x)
+    x_rec, info = solver_cls(tol=1e-10).solve(g, y)
+    assert info.converged and info.evaluations == g.calls
+    assert g.rows == pytest.approx(info.sample_evaluations * 16)
+    print(f"{solver_cls.__name__}: {info.evaluations} calls, {info.sample_evaluations:.1f} evaluations per sample")
+    assert info.sample_evaluations < 0.7 * info.evaluations
+    for b in (0, 9):
+        alone, _ = solver_cls(tol=1e-10).solve(g.g, y[b:b + 1])
+        torch.testing.assert_close(x_rec[b:b + 1], alone, rtol=0, atol=1e-13)
+    torch.testing.assert_close(x_rec, x, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("solver_cls", [FixedPointSolver, AndersonSolver])
+def test_a_whole_batch_function_is_evaluated_on_the_whole_batch(solver_cls):
+    """A callable that is not a module may act on the batch as a whole (e.g. a vector-Jacobian
+    product of a batch's graph, as an implicit block's adjoint solve passes): it always gets
+    every sample, the converged ones held fixed, and the answer is the same."""
+    g = SymmetricContraction(8, 0.9)
+    x = 0.3 * torch.randn(16, 8, dtype=torch.float64)
+    x[8:] += 40.0
+    y = x + g(x)
+    shapes = []
+
+    def whole_batch(t):
+        shapes.append(t.shape[0])
+        return g(t)
+
+    x_rec, info = solver_cls(tol=1e-10).solve(whole_batch, y)
+    assert set(shapes) == {16} and info.sample_evaluations == info.evaluations
+    per_sample, _ = solver_cls(tol=1e-10).solve(RowCounting(g), y)
+    torch.testing.assert_close(x_rec, per_sample, rtol=0, atol=1e-13)
+
+
+def test_relative_tolerance_is_validated():
+    with pytest.raises(ValueError, match="rtol"):
+        FixedPointSolver(rtol=-1.0)
+    assert build("solver", "anderson", rtol=1e-5).rtol == 1e-5

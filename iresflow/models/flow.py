@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from iresflow.config import ConfigError
+from iresflow.nn.activations import compile_activations
 from iresflow.nn.block import InvertibleResidualBlock
 from iresflow.nn.layers import ActNorm, LogitTransform, Split, Squeeze
 from iresflow.nn.logdet import ExactLogDet
@@ -106,13 +107,16 @@ class ResidualFlow(nn.Module):
         preact: ``g`` starts with an activation.
         normalization: how ``g`` makes its linear maps (a factory or a built
             normalisation; default ``operator``). ``none`` needs ``estimator: exact``.
+        compile: run the log-det estimators' activation pieces through ``torch.compile``
+            (:func:`iresflow.nn.activations.compile_activations`; the first steps compile).
     """
 
     def __init__(self, in_shape: Sequence[int], n_blocks: int = 10, hidden: Any = (128, 128),
                  activation: Any = None, coeff: float = 0.97, actnorm: bool = True,
                  estimator: Any = None, solver: Any = None, n_scales: int = 3,
                  kernel_sizes: Sequence[int] = (3, 1, 3), logit_alpha: float | None = 0.05,
-                 n_iterations: int = 1, preact: bool = True, normalization: Any = None):
+                 n_iterations: int = 1, preact: bool = True, normalization: Any = None,
+                 compile: bool = False):
         super().__init__()
         normalization = resolve_normalization(normalization, n_iterations=n_iterations)
         check_estimator_fits(normalization, estimator)
@@ -170,6 +174,8 @@ class ResidualFlow(nn.Module):
             self._z_shapes.append((c, h, w))
         self.scales = nn.ModuleList(scales)
         self.register_buffer("_device_probe", torch.zeros(()), persistent=False)
+        if compile:
+            compile_activations(self)
 
     # -- properties ------------------------------------------------------------
     @property

@@ -1,7 +1,7 @@
 """The components of invertible residual networks, one mathematical object per module.
 
 Importing this package registers the built-ins: activations, residual
-functions, inverse solvers and log-det estimators.
+functions, inverse solvers, log-det estimators and trace estimators.
 """
 
 from iresflow.nn import activations, block, layers, lipschitz, logdet, residual, solvers  # noqa: F401

@@ -21,106 +21,44 @@ after each optimiser step and before evaluation: the user never has to.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["LipschitzLinear", "LipschitzConv2d", "LIPSCHITZ_LAYERS", "update_lipschitz"]
+from iresflow.nn.conv_ops import conv_forward, conv_input_grad, conv_strategy, conv_weight_grad
+
+__all__ = ["LipschitzLinear", "LipschitzConv2d", "LIPSCHITZ_LAYERS", "update_lipschitz", "paused_power_iteration"]
 
 _EPS = 1e-12
+
+# Set inside `paused_power_iteration()`.
+_PAUSED = contextvars.ContextVar("iresflow_power_iteration_paused", default=False)
+
+
+@contextlib.contextmanager
+def paused_power_iteration():
+    """Inside this context, training forwards run no power iteration.
+
+    A plain ``g(x)`` under ``torch.no_grad`` runs none; code that re-enables grad to
+    differentiate ``g`` on behalf of a caller that had it off (a log-det estimator
+    called under ``no_grad``) wraps that work in this context, so that it behaves
+    the same.
+    """
+    token = _PAUSED.set(True)
+    try:
+        yield
+    finally:
+        _PAUSED.reset(token)
 
 
 # Matrices with a side at most this long run fixed-count power iterations through
 # their Gram matrix (see _SpectralNorm._iterate_gram).
 _GRAM_MAX_DIM = 16
-
-
-# ----------------------------------------------------------------------------- conv by matmul
-# oneDNN's convolutions are slow for thin channel counts (a 3x3 conv from or to ONE
-# channel runs at a few GFLOPS, its transpose slower still). A stride-1 'same' conv with
-# few input channels is a matmul of its unfolded input; with few output channels a
-# matmul followed by a fold (the adjoint of unfold, with the kernel taps reversed); a
-# 1x1 conv is a matmul. These compute the same maps (and the transposes and weight
-# gradients) several times faster; everything else goes to torch's convolutions.
-_THIN_CONV_MAX = 36  # channels x k x k up to this unfold cheaply
-
-
-def _conv_kind(m: nn.Conv2d) -> str:
-    if m.stride != (1, 1) or m.dilation != (1, 1) or m.groups != 1 or isinstance(m.padding, str):
-        return "generic"
-    (kh, kw), (ph, pw) = m.kernel_size, m.padding
-    if (kh, kw) == (1, 1) and (ph, pw) == (0, 0):
-        return "pointwise"
-    if kh % 2 == 1 and kw % 2 == 1 and (ph, pw) == (kh // 2, kw // 2):
-        if m.in_channels * kh * kw <= _THIN_CONV_MAX:
-            return "few_in"
-        if m.out_channels * kh * kw <= _THIN_CONV_MAX:
-            return "few_out"
-    return "generic"
-
-
-def _left(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``w @ x[b]`` for every b (``w`` 2-D, ``x`` 3-D) as one batched product (torch.matmul
-    would transpose ``x`` into one big matrix and back: two copies of it)."""
-    return torch.bmm(w.expand(x.shape[0], *w.shape), x)
-
-
-def _flip_taps(z: torch.Tensor, channels: int, taps: int) -> torch.Tensor:
-    """Reverse the kernel-tap order within each channel block of ``[B, channels * taps, L]``."""
-    return z.view(z.shape[0], channels, taps, -1).flip(2).view(z.shape[0], channels * taps, -1)
-
-
-def _conv_forward(kind: str, m: nn.Conv2d, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
-    """``conv2d(x, w, b)`` with ``m``'s geometry."""
-    if kind == "generic":
-        return F.conv2d(x, w, b, m.stride, m.padding, m.dilation)
-    bsz, c, h, wd = x.shape
-    o = w.shape[0]
-    if kind == "pointwise":
-        y = _left(w.view(o, c), x.reshape(bsz, c, h * wd))
-    elif kind == "few_in":
-        y = _left(w.reshape(o, -1), F.unfold(x, m.kernel_size, padding=m.padding))
-    else:  # few_out: mix channels per tap, then shift-and-add the taps (a fold)
-        taps = m.kernel_size[0] * m.kernel_size[1]
-        z = _left(w.permute(0, 2, 3, 1).reshape(o * taps, c), x.reshape(bsz, c, h * wd))
-        y = F.fold(_flip_taps(z, o, taps), (h, wd), m.kernel_size, padding=m.padding)
-    y = y.view(bsz, o, h, wd)
-    if b is not None:
-        y = y + b.view(1, o, 1, 1)
-    return y
-
-
-def _conv_input_grad(kind: str, m: nn.Conv2d, g: torch.Tensor, w: torch.Tensor, size, output_padding=(0, 0)):
-    """``conv_transpose2d(g, w)``: the adjoint map (input gradient) at input size ``size``."""
-    if kind == "generic":
-        return F.conv_transpose2d(g, w, None, m.stride, m.padding, output_padding, 1, m.dilation)
-    bsz, o, h, wd = g.shape
-    c = w.shape[1]
-    if kind == "pointwise":
-        return _left(w.view(o, c).t(), g.reshape(bsz, o, h * wd)).view(bsz, c, h, wd)
-    if kind == "few_in":
-        z = _left(w.reshape(o, -1).t(), g.reshape(bsz, o, h * wd))
-        return F.fold(z, (h, wd), m.kernel_size, padding=m.padding)
-    taps = m.kernel_size[0] * m.kernel_size[1]
-    cols = _flip_taps(F.unfold(g, m.kernel_size, padding=m.padding), o, taps)
-    return _left(w.permute(1, 0, 2, 3).reshape(c, o * taps), cols).view(bsz, c, h, wd)
-
-
-def _conv_weight_grad(kind: str, m: nn.Conv2d, g: torch.Tensor, x: torch.Tensor, w: torch.Tensor):
-    """``sum_b`` of the gradient of ``<g, conv2d(x, w)>`` w.r.t. ``w``."""
-    if kind in ("generic", "few_in"):  # (oneDNN's weight gradient is fast with few inputs)
-        return torch.ops.aten.convolution_backward(g, x, w, None, m.stride, m.padding, m.dilation, False,
-                                                   [0, 0], 1, [False, True, False])[1]
-    bsz, o, h, wd = g.shape
-    c = x.shape[1]
-    if kind == "pointwise":
-        return torch.bmm(g.reshape(bsz, o, h * wd), x.reshape(bsz, c, h * wd).transpose(1, 2)).sum(0).view_as(w)
-    taps = m.kernel_size[0] * m.kernel_size[1]
-    cols = _flip_taps(F.unfold(g, m.kernel_size, padding=m.padding), o, taps)
-    gw = torch.bmm(x.reshape(bsz, c, h * wd), cols.transpose(1, 2)).sum(0)  # [C, O * taps]
-    return gw.view(c, o, *m.kernel_size).permute(1, 0, 2, 3).contiguous()
 
 
 def _functorch_active() -> bool:
@@ -220,13 +158,19 @@ class _SpectralNorm:
                 return self._op_t(x, w)
         norm = torch.linalg.vector_norm
         prev = self.sigma.item() if tol is not None else 0.0
+        # Between iterations only the directions matter: with a fixed count, u is renormalised
+        # every third iteration (it grows by about sigma^2 per iteration: for sigma within
+        # [1e-3, 1e3] three iterations stay far from float32's range).
+        unnormalised = 0
         done = 0
         for done in range(1, n_iterations + 1):
             v = op_t(u)
             if tol is None and done < n_iterations:
-                # Only u's direction matters between iterations: v need not be normalised.
                 u = op(v)
-                u = u / norm(u).clamp_min(_EPS)
+                unnormalised += 1
+                if unnormalised == 3:
+                    u = u / norm(u).clamp_min(_EPS)
+                    unnormalised = 0
                 continue
             v = v / norm(v).clamp_min(_EPS)
             u = op(v)
@@ -302,7 +246,7 @@ class _SpectralNorm:
             return min(float(self.spectral_norm()), self.coeff)
 
     def _maybe_iterate(self) -> None:
-        if self.training and self.n_iterations > 0 and torch.is_grad_enabled():
+        if self.training and self.n_iterations > 0 and torch.is_grad_enabled() and not _PAUSED.get():
             self.power_iteration(self.n_iterations, tol=self.tol)
 
     def weight_for(self, x: torch.Tensor) -> torch.Tensor:
@@ -426,7 +370,7 @@ class LipschitzConv2d(nn.Conv2d, _SpectralNorm):
             raise ValueError("LipschitzConv2d supports groups=1, dilation=1 and integer padding")
         self._init_spectral(coeff, n_iterations, tol, max_iterations)
         self.is_matrix = self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
-        self.conv_kind = _conv_kind(self)
+        self.conv_strategy = conv_strategy(self)
         self.register_buffer("sigma", torch.zeros(()))
         self.input_size: tuple[int, int] | None = None
         if self.is_matrix:
@@ -480,7 +424,7 @@ class LipschitzConv2d(nn.Conv2d, _SpectralNorm):
     def _op(self, v, w):
         if self.is_matrix:
             return w.flatten(1) @ v
-        return _conv_forward(self.conv_kind, self, v, w, None)
+        return conv_forward(self.conv_strategy, self, v, w)
 
     def _op_t(self, u, w):
         if self.is_matrix:
@@ -490,7 +434,7 @@ class LipschitzConv2d(nn.Conv2d, _SpectralNorm):
         ho, wo = u.shape[-2:]
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         op = (h + 2 * ph - kh - (ho - 1) * sh, wd + 2 * pw - kw - (wo - 1) * sw)
-        return _conv_input_grad(self.conv_kind, self, u, w, self.input_size, op)
+        return conv_input_grad(self.conv_strategy, self, u, w, op)
 
     def _sigma(self, w):
         return (self.u * self._op(self.v, w)).sum()
@@ -498,7 +442,7 @@ class LipschitzConv2d(nn.Conv2d, _SpectralNorm):
     def _dsigma(self, w):
         if self.is_matrix:
             return torch.outer(self.u, self.v).view_as(w)
-        return _conv_weight_grad(self.conv_kind, self, self.u, self.v, w)
+        return conv_weight_grad(self.conv_strategy, self, self.u, self.v, w)
 
     def weight_for(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_matrix:
