@@ -245,7 +245,8 @@ def test_lipschitz_upkeep_comes_before_any_checkpoint_of_the_step(tmp_path, monk
 
 def _roulette_task(**kw):
     model = registry.build("model", "iresnet_flow", in_shape=(2,), n_blocks=2, hidden=[8], actnorm=False,
-                           estimator={"name": "russian_roulette", "n_terms": 1, "n_probes": 1})
+                           estimator={"name": "russian_roulette", "n_terms": 1,
+                                      "trace": {"name": "hutchinson", "n_probes": 1}})
     return DensityTask(model, dims=(2,), n_samples=50, **kw)
 
 
