@@ -216,15 +216,8 @@ def _accepted_params(kind: str, name: str, plugins: Sequence[str]) -> set[str] |
         entry = registry.get(kind, name)
     except registry.RegistryError as err:
         raise ConfigError(str(err)) from err
-    import inspect
-
-    try:
-        sig = inspect.signature(entry.obj)
-    except (TypeError, ValueError):
-        return None
-    if any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
-        return None
-    return set(sig.parameters) - {"self"}
+    accepted, open_ = registry.accepted_parameters(entry.obj)
+    return None if open_ else set(accepted)
 
 
 def _switch_component(cfg: DictConfig, path: str, new_name: str) -> None:

@@ -45,6 +45,7 @@ __all__ = [
     "Factory",
     "PART_KINDS",
     "kind_of_parameter",
+    "accepted_parameters",
     "instance",
     "discover",
 ]
@@ -78,12 +79,8 @@ class Entry:
 
     def parameters(self) -> dict[str, str]:
         """Accepted keyword parameters with their defaults, as printable strings."""
-        params = {}
-        for p in _signature(self.obj).parameters.values():
-            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name == "self":
-                continue
-            params[p.name] = "required" if p.default is p.empty else repr(p.default)
-        return params
+        params, _ = accepted_parameters(self.obj)
+        return {name: "required" if p.default is p.empty else repr(p.default) for name, p in params.items()}
 
 
 _REGISTRY: dict[str, dict[str, Entry]] = {}
@@ -94,6 +91,35 @@ def _signature(obj: Callable[..., Any]) -> inspect.Signature:
         return inspect.signature(obj)
     except (TypeError, ValueError):  # some builtins have no signature
         return inspect.Signature()
+
+
+def accepted_parameters(obj: Callable[..., Any]) -> tuple[dict[str, inspect.Parameter], bool]:
+    """``(parameters, open)``: the keyword parameters ``obj`` accepts, and whether it takes any
+    other keyword too. A class whose ``__init__`` passes ``**kwargs`` on to its base accepts
+    the base's parameters as well (followed up the class hierarchy until an ``__init__``
+    without ``**kwargs``), so a subclass need not repeat its base's signature."""
+    params: dict[str, inspect.Parameter] = {}
+    signatures = [_signature(obj)]
+    if isinstance(obj, type):  # the bases' __init__, ours only: a library base's **kwargs are its own
+        signatures += [_signature(k.__dict__["__init__"]) for k in obj.__mro__[1:]
+                       if "__init__" in k.__dict__ and k.__module__.startswith("iresflow")]
+    for sig in signatures:
+        for p in sig.parameters.values():
+            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                params.setdefault(p.name, p)
+        if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+            return params, False
+    return params, True
+
+
+def _check_parameters(kind: str, name: str, obj: Callable[..., Any], given: Iterable[str]) -> None:
+    accepted, open_ = accepted_parameters(obj)
+    if open_:
+        return
+    for key in given:
+        if key not in accepted:
+            raise RegistryError(f"{kind} {name!r} has no parameter {key!r}" + _close_hint(key, accepted)
+                                + f". Accepted: {', '.join(accepted) or '(none)'}.")
 
 
 def _suggest(word: str, choices: Iterable[str], what: str) -> str:
@@ -170,17 +196,7 @@ def build(kind: str, name: str, /, **params: Any) -> Any:
     component takes ``**kwargs``).
     """
     entry = get(kind, name)
-    sig = _signature(entry.obj)
-    takes_any = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
-    if not takes_any and sig.parameters:
-        accepted = [p for p in sig.parameters if p != "self"]
-        for key in params:
-            if key not in accepted:
-                raise RegistryError(
-                    f"{kind} {name!r} has no parameter {key!r}"
-                    + _close_hint(key, accepted)
-                    + f". Accepted: {', '.join(accepted) or '(none)'}."
-                )
+    _check_parameters(kind, name, entry.obj, params)
     return entry.obj(**_nested_factories(params))
 
 
@@ -206,9 +222,8 @@ def build_node(kind: str, node: Any, /, **defaults: Any) -> Any:
     else:
         return node
     entry = get(kind, name)
-    sig = _signature(entry.obj)
-    takes_any = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
-    merged = {k: v for k, v in defaults.items() if takes_any or k in sig.parameters}
+    accepted, open_ = accepted_parameters(entry.obj)
+    merged = {k: v for k, v in defaults.items() if open_ or k in accepted}
     merged.update(params)
     return build(kind, name, **merged)
 
@@ -254,14 +269,7 @@ def factory(kind: str, node: Any, /) -> Factory:
         name = params.pop("name")
     else:
         raise RegistryError(f"a {kind} must be a registered name or a {{name: ..., ...}} node, got {node!r}")
-    entry = get(kind, name)
-    sig = _signature(entry.obj)
-    if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
-        accepted = [p for p in sig.parameters if p != "self"]
-        for key in params:
-            if key not in accepted:
-                raise RegistryError(f"{kind} {name!r} has no parameter {key!r}" + _close_hint(key, accepted)
-                                    + f". Accepted: {', '.join(accepted) or '(none)'}.")
+    _check_parameters(kind, name, get(kind, name).obj, params)
     return Factory(kind, name, tuple(params.items()))
 
 

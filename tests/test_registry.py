@@ -177,3 +177,13 @@ def test_only_part_kinds_are_resolved_from_parameter_names():
     assert registry.kind_of_parameter("task") is None and registry.kind_of_parameter("model") is None
     dm = registry.build("data", "fake", task="density")
     assert dm.task == "density"
+
+
+def test_parameters_passed_on_by_kwargs_are_checked_against_the_base():
+    """A task takes the shared settings as ``**common``: the registry still knows them all,
+    so a typo in one is refused with the close match, and a real one is accepted."""
+    params, open_ = registry.accepted_parameters(registry.get("task", "density").obj)
+    assert not open_ and {"eval_estimator", "lipschitz_iterations", "optimizer", "model"} <= set(params)
+    with pytest.raises(RegistryError, match="did you mean 'lipschitz_iterations'"):
+        registry.factory("task", {"name": "density", "lipschitz_iteration": 2})
+    assert "max_consecutive_skips" in registry.get("task", "classification").parameters()

@@ -168,23 +168,6 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _entry_parameters(entry) -> dict[str, str]:
-    """Parameters with defaults; for classes taking ``**kwargs`` on to a base, the base's too."""
-    import inspect
-
-    params = entry.parameters()
-    obj = entry.obj
-    if isinstance(obj, type):
-        for klass in obj.__mro__[1:]:
-            init = klass.__dict__.get("__init__")
-            if init is None or klass.__module__.split(".")[0] != "iresflow":
-                continue
-            for p in inspect.signature(init).parameters.values():
-                if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name not in params:
-                    params[p.name] = "required" if p.default is p.empty else repr(p.default)
-    return params
-
-
 def _cmd_registry(args: argparse.Namespace) -> int:
     from iresflow import registry
 
@@ -195,7 +178,7 @@ def _cmd_registry(args: argparse.Namespace) -> int:
             current = entry.kind
             print(f"\n[{current}]")
         print(f"  {entry.name:<22} {entry.description}")
-        params = _entry_parameters(entry)
+        params = entry.parameters()
         if params:
             print("      " + ", ".join(f"{k}={v}" for k, v in params.items()))
     return EXIT_OK

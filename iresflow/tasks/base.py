@@ -121,8 +121,8 @@ def _constrained(block: nn.Module) -> bool:
 class IResTask(LightningModule):
     """Base of the tasks: ``model`` is the network; the rest are training settings.
 
-    Parameters shared by every task (see ``configs/task/*.yaml``; each task lists them in its
-    own signature, so the registry checks every key of a task node):
+    Parameters shared by every task (see ``configs/task/*.yaml``; a task takes them as ``**common``,
+    and the registry follows them up to this signature, so it checks every key of a task node):
       optimizer: a factory ``params -> torch.optim.Optimizer`` (from the node
         ``task.optimizer: {name: adam, lr: ...}``; default Adam, lr 1e-3). It is tried once
         on a placeholder parameter when the task is built, so a bad value is reported then.

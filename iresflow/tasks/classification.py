@@ -39,15 +39,8 @@ class ClassificationTask(IResTask):
     monitor_mode = "max"
 
     def __init__(self, model: nn.Module, *, num_classes: int = 10, label_smoothing: float = 0.0,
-                 top_k: int = 5, check_inverse: bool = True,
-                 optimizer: Any = None, scheduler: str = "none", milestones: Sequence[int] = (), gamma: float = 0.1,
-                 warmup_steps: int = 0, warmup_epochs: int = 0, lipschitz_iterations: int = 1,
-                 lipschitz_eval_iterations: int = 10, on_nonfinite: str = "raise", max_consecutive_skips: int = 10):
-        super().__init__(model, optimizer=optimizer, scheduler=scheduler, milestones=milestones, gamma=gamma,
-                         warmup_steps=warmup_steps, warmup_epochs=warmup_epochs,
-                         lipschitz_iterations=lipschitz_iterations,
-                         lipschitz_eval_iterations=lipschitz_eval_iterations, on_nonfinite=on_nonfinite,
-                         max_consecutive_skips=max_consecutive_skips)
+                 top_k: int = 5, check_inverse: bool = True, **common: Any):
+        super().__init__(model, **common)
         self.num_classes = int(num_classes)
         if self.num_classes < 2:
             raise ValueError(f"classification needs at least 2 classes, got num_classes={num_classes}")

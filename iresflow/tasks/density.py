@@ -68,15 +68,8 @@ class DensityTask(IResTask):
 
     def __init__(self, model: nn.Module, *, dims: Sequence[int] = (2,), data_kind: str = "vector",
                  n_bits: float | None = None, eval_estimator: Any = None, n_samples: int = 2000,
-                 picture_every_n_val: int = 1, recon_batch_size: int = 64,
-                 optimizer: Any = None, scheduler: str = "none", milestones: Sequence[int] = (), gamma: float = 0.1,
-                 warmup_steps: int = 0, warmup_epochs: int = 0, lipschitz_iterations: int = 1,
-                 lipschitz_eval_iterations: int = 10, on_nonfinite: str = "raise", max_consecutive_skips: int = 10):
-        super().__init__(model, optimizer=optimizer, scheduler=scheduler, milestones=milestones, gamma=gamma,
-                         warmup_steps=warmup_steps, warmup_epochs=warmup_epochs,
-                         lipschitz_iterations=lipschitz_iterations,
-                         lipschitz_eval_iterations=lipschitz_eval_iterations, on_nonfinite=on_nonfinite,
-                         max_consecutive_skips=max_consecutive_skips)
+                 picture_every_n_val: int = 1, recon_batch_size: int = 64, **common: Any):
+        super().__init__(model, **common)
         if data_kind not in ("vector", "image"):
             raise ValueError(f"data_kind must be 'vector' or 'image', not {data_kind!r}")
         self.dims = tuple(int(d) for d in dims)
