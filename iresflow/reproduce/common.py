@@ -262,7 +262,7 @@ class Context:
         if paper:
             md += ["", f"As reported in {paper['source']}:", "",
                    "| | " + " | ".join(paper["columns"]) + " |", "|---|" + "---|" * len(paper["columns"])]
-            md += ["| " + name + " | " + " | ".join(_fmt(v, 3) for v in values) + " |"
+            md += ["| " + name + " | " + " | ".join(_fmt(v, 6) for v in values) + " |"
                    for name, values in paper["rows"].items()]
         if notes:
             md += [""] + [f"- {n}" for n in notes]
