@@ -212,15 +212,9 @@ def build_node(kind: str, node: Any, /, **defaults: Any) -> Any:
     ``coeff`` down to every residual function). A node that is already a built
     object (not a string or mapping) is returned as is.
     """
-    if isinstance(node, str):
-        name, params = node, {}
-    elif isinstance(node, Mapping) or _is_dictconfig(node):
-        params = dict(_to_container(node))
-        if "name" not in params:
-            raise RegistryError(f"a {kind} node needs a 'name' key, got keys {sorted(params)}")
-        name = params.pop("name")
-    else:
+    if not _is_node(node):
         return node
+    name, params = _split_node(kind, node)
     entry = get(kind, name)
     accepted, open_ = accepted_parameters(entry.obj)
     merged = {k: v for k, v in defaults.items() if open_ or k in accepted}
@@ -260,15 +254,9 @@ def factory(kind: str, node: Any, /) -> Factory:
     """
     if isinstance(node, Factory):
         return node
-    if isinstance(node, str):
-        name, params = node, {}
-    elif isinstance(node, Mapping) or _is_dictconfig(node):
-        params = dict(_to_container(node))
-        if "name" not in params:
-            raise RegistryError(f"a {kind} node needs a 'name' key, got keys {sorted(params)}")
-        name = params.pop("name")
-    else:
+    if not _is_node(node):
         raise RegistryError(f"a {kind} must be a registered name or a {{name: ..., ...}} node, got {node!r}")
+    name, params = _split_node(kind, node)
     _check_parameters(kind, name, get(kind, name).obj, params)
     return Factory(kind, name, tuple(params.items()))
 
@@ -281,7 +269,7 @@ def instance(spec: Any, /) -> Any:
 
     if isinstance(spec, Factory):
         return spec()
-    if isinstance(spec, (str, Mapping)) or _is_dictconfig(spec):
+    if _is_node(spec):
         raise TypeError(f"got the node {spec!r} where a built component or a Factory is expected: build "
                         "through iresflow.registry.build(...) (which resolves nodes), or pass "
                         "registry.factory(kind, node)")
@@ -296,11 +284,9 @@ def kind_of_parameter(param: str) -> str | None:
     return None
 
 
-def _is_node(value: Any) -> bool:
-    """A name, or a mapping with a ``name`` key."""
-    if isinstance(value, str):
-        return True
-    return (isinstance(value, Mapping) or _is_dictconfig(value)) and "name" in _to_container(value)
+def _names_a_component(value: Any) -> bool:
+    """A name, or a mapping with a ``name`` key (a mapping without one is a plain setting)."""
+    return isinstance(value, str) or (_is_node(value) and "name" in _to_container(value))
 
 
 def _nested_factories(params: dict[str, Any]) -> dict[str, Any]:
@@ -310,12 +296,27 @@ def _nested_factories(params: dict[str, Any]) -> dict[str, Any]:
     for key, value in params.items():
         kind = kind_of_parameter(key)
         if kind is not None and kind in _REGISTRY:
-            if _is_node(value):
+            if _names_a_component(value):
                 value = factory(kind, value)
-            elif isinstance(value, (list, tuple)) and value and all(_is_node(v) for v in value):
+            elif isinstance(value, (list, tuple)) and value and all(_names_a_component(v) for v in value):
                 value = [factory(kind, v) for v in value]
         out[key] = value
     return out
+
+
+def _is_node(node: Any) -> bool:
+    """A component given by name or as a ``{name: ..., **params}`` mapping (not yet built)."""
+    return isinstance(node, (str, Mapping)) or _is_dictconfig(node)
+
+
+def _split_node(kind: str, node: Any) -> tuple[str, dict[str, Any]]:
+    """``(name, params)`` of a name or a ``{name: ..., **params}`` node."""
+    if isinstance(node, str):
+        return node, {}
+    params = dict(_to_container(node))
+    if "name" not in params:
+        raise RegistryError(f"a {kind} node needs a 'name' key, got keys {sorted(params)}")
+    return params.pop("name"), params
 
 
 def _is_dictconfig(node: Any) -> bool:

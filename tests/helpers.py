@@ -29,3 +29,26 @@ class ContractiveMLP(nn.Module):
 
     def lipschitz_bound(self):
         return self.c
+
+
+class Opaque(nn.Module):
+    """Hides ``g``'s structure (it is no plain layer chain): the log-det estimators take their
+    generic autograd path, the reference for their fast paths."""
+
+    def __init__(self, g):
+        super().__init__()
+        self.g = g
+
+    def forward(self, x):
+        return self.g(x)
+
+
+def logdet_and_grads(est, g, x, weights, probes=None, seed=None):
+    """``[logdet, d/dx, d/dparams]`` of ``sum(weights * logdet) + |g(x)|^2 / 2`` through ``est``
+    (``seed``: the same random probes on both sides of a comparison)."""
+    x = x.clone().requires_grad_()
+    if seed is not None:
+        torch.manual_seed(seed)
+    gx, logdet = est(g, x) if probes is None else est(g, x, probes=probes)
+    loss = (weights * logdet).sum() + 0.5 * (gx ** 2).sum()
+    return [logdet.detach(), *torch.autograd.grad(loss, [x, *(p for p in g.parameters() if p.requires_grad)])]

@@ -9,7 +9,6 @@ fast log-det path against plain autograd.
 
 import pytest
 import torch
-from torch import nn
 
 from iresflow import registry
 from iresflow.nn.activations import ElementwiseActivation, LipSwish, _ValueAndSlope
@@ -17,6 +16,8 @@ from iresflow.nn.logdet import Hutchinson, PowerSeriesLogDet
 from iresflow.nn.lipschitz import update_lipschitz
 from iresflow.nn.residual import ConvResidual, MLPResidual
 from iresflow.registry import factory
+
+from helpers import Opaque, logdet_and_grads
 
 DT = torch.float64
 SMOOTH = ["elu", "lipswish", "softplus", "tanh"]
@@ -126,25 +127,6 @@ def test_max_slope_catches_a_wrong_constant():
 # --------------------------------------------------------------------------- the plugin's fast paths
 
 
-class Opaque(nn.Module):
-    """Hides ``g``'s structure: the estimators fall back to autograd."""
-
-    def __init__(self, g):
-        super().__init__()
-        self.g = g
-
-    def forward(self, x):
-        return self.g(x)
-
-
-def _grads(est, g, x, weights, seed):
-    x = x.clone().requires_grad_()
-    torch.manual_seed(seed)  # the same probes on both sides
-    gx, logdet = est(g, x)
-    loss = (weights * logdet).sum() + 0.5 * (gx ** 2).sum()
-    return [logdet.detach(), *torch.autograd.grad(loss, [x, *g.parameters()])]
-
-
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
 @pytest.mark.parametrize("mode", ["backprop", "neumann", "memory_efficient"])
 def test_plugin_activation_fast_paths_equal_autograd(kind, mode):
@@ -163,8 +145,8 @@ def test_plugin_activation_fast_paths_equal_autograd(kind, mode):
     assert g.linear_chain() is not None  # the plugin keeps g a chain: the fast paths apply
     est = PowerSeriesLogDet(n_terms=4, trace=Hutchinson(n_probes=2), gradient=mode)
     for weights in (torch.ones(x.shape[0], dtype=DT), torch.rand(x.shape[0], dtype=DT)):
-        fast = _grads(est, g, x, weights, seed=1)
-        ref = _grads(est, Opaque(g), x, weights, seed=1)
+        fast = logdet_and_grads(est, g, x, weights, seed=1)
+        ref = logdet_and_grads(est, Opaque(g), x, weights, seed=1)
         for a, b in zip(fast, ref):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 

@@ -16,6 +16,8 @@ from torch import nn
 from iresflow.nn.logdet import ExactLogDet, Hutchinson, PowerSeriesLogDet, RussianRouletteLogDet
 from iresflow.registry import build, build_node
 
+from helpers import Opaque
+
 torch.set_num_threads(1)
 DT = torch.float64
 
@@ -414,17 +416,6 @@ def _lipschitz_g(dtype=DT):
             if hasattr(m, "weight_for"):
                 m.weight.add_(torch.randn_like(m.weight))
     return g
-
-
-class Opaque(nn.Module):
-    """Hides ``g``'s structure: the estimators take the autograd path."""
-
-    def __init__(self, g):
-        super().__init__()
-        self.g = g
-
-    def forward(self, x):
-        return self.g(x)
 
 
 def _vectors(g):

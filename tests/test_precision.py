@@ -29,6 +29,8 @@ from iresflow.nn.logdet import PowerSeriesLogDet, RussianRouletteLogDet
 from iresflow.nn.residual import ConvResidual, MLPResidual
 from iresflow.registry import factory
 
+from helpers import Opaque, logdet_and_grads
+
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
 # Measured on this block (MLP 4-32-4, c = 0.9, 8 terms, 64 samples, fixed probes): the
 # largest |bf16 - fp32| / (1 + |fp32|) over the samples was 0.006 in every gradient mode;
@@ -119,24 +121,6 @@ def test_spectral_norm_stays_float32_under_autocast():
 # --------------------------------------------------------------------------- fast paths vs autograd
 
 
-class Opaque(nn.Module):
-    """Hides ``g``'s structure: the estimators fall back to autograd."""
-
-    def __init__(self, g):
-        super().__init__()
-        self.g = g
-
-    def forward(self, x):
-        return self.g(x)
-
-
-def _grads(est, g, x, probes, weights):
-    x = x.clone().requires_grad_()
-    gx, logdet = est(g, x, probes=probes)
-    loss = (weights * logdet).sum() + 0.5 * (gx ** 2).sum()
-    return [logdet.detach(), *torch.autograd.grad(loss, [x, *(p for p in g.parameters() if p.requires_grad)])]
-
-
 def _residual(kind, activation, preact):
     torch.manual_seed(0)
     if kind == "mlp":
@@ -163,8 +147,8 @@ def test_structured_paths_match_autograd(kind, activation, mode, n_probes):
     probes = torch.randn(n_probes, *x.shape, dtype=x.dtype)
     est = PowerSeriesLogDet(n_terms=4, gradient=mode)  # MLP, 1 probe: the dense-Jacobian path (D=3 <= 4)
     for weights in (torch.ones(x.shape[0], dtype=x.dtype), torch.rand(x.shape[0], dtype=x.dtype)):
-        fast = _grads(est, g, x, probes, weights)
-        ref = _grads(est, Opaque(g), x, probes, weights)
+        fast = logdet_and_grads(est, g, x, weights, probes=probes)
+        ref = logdet_and_grads(est, Opaque(g), x, weights, probes=probes)
         for a, b in zip(fast, ref):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
@@ -177,9 +161,9 @@ def test_structured_roulette_and_frozen_parameters_match_autograd():
     est = RussianRouletteLogDet(n_terms=2, gradient="memory_efficient")
     w = torch.ones(x.shape[0], dtype=x.dtype)
     torch.manual_seed(3)
-    fast = _grads(est, g, x, probes, w)
+    fast = logdet_and_grads(est, g, x, w, probes=probes)
     torch.manual_seed(3)  # the same N
-    ref = _grads(est, Opaque(g), x, probes, w)
+    ref = logdet_and_grads(est, Opaque(g), x, w, probes=probes)
     for a, b in zip(fast, ref):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
@@ -265,8 +249,8 @@ def test_onednn_products_equal_torch_products_in_float32(activation, monkeypatch
     est = PowerSeriesLogDet(n_terms=6, gradient="memory_efficient")
     w = torch.rand(x.shape[0])
     probes = torch.randn(1, *x.shape)
-    fast = _grads(est, g, x, probes, w)
+    fast = logdet_and_grads(est, g, x, w, probes=probes)
     monkeypatch.setattr(gemm, "onednn_enabled", False)
-    ref = _grads(est, g, x, probes, w)
+    ref = logdet_and_grads(est, g, x, w, probes=probes)
     for a, b in zip(fast, ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -18,6 +18,8 @@ from iresflow.nn.lipschitz import update_lipschitz
 from iresflow.nn.residual import ConvResidual, MLPResidual
 from iresflow.registry import factory
 
+from helpers import Opaque, logdet_and_grads
+
 DT = torch.float64
 ROOT = Path(__file__).resolve().parent.parent
 RANDOM = {
@@ -159,23 +161,6 @@ def test_hutchpp_has_lower_variance_at_equal_cost():
 # --------------------------------------------------------------------------- fast paths, every trace estimator
 
 
-class Opaque(nn.Module):
-    def __init__(self, g):
-        super().__init__()
-        self.g = g
-
-    def forward(self, x):
-        return self.g(x)
-
-
-def _grads(est, g, x, weights, seed):
-    x = x.clone().requires_grad_()
-    torch.manual_seed(seed)
-    gx, logdet = est(g, x)
-    loss = (weights * logdet).sum() + 0.5 * (gx ** 2).sum()
-    return [logdet.detach(), *torch.autograd.grad(loss, [x, *g.parameters()])]
-
-
 def _residual(kind):
     torch.manual_seed(0)
     if kind == "mlp-small":  # 3 features: the materialised-Jacobian path
@@ -202,8 +187,8 @@ def test_fast_paths_equal_autograd_for_every_trace_estimator(kind, trace, mode):
     est = registry.build_node("estimator", {"name": "russian_roulette", "n_terms": 2, "gradient": mode,
                                             "trace": node})
     for weights in (torch.ones(x.shape[0], dtype=DT), torch.rand(x.shape[0], dtype=DT)):
-        fast = _grads(est, g, x, weights, seed=3)
-        ref = _grads(est, Opaque(g), x, weights, seed=3)
+        fast = logdet_and_grads(est, g, x, weights, seed=3)
+        ref = logdet_and_grads(est, Opaque(g), x, weights, seed=3)
         for a, b in zip(fast, ref):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 

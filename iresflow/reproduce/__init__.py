@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from iresflow.cliargs import collect_overrides
 from iresflow.reproduce.common import SCALES, Context, ReproduceError
 
 __all__ = ["TARGETS", "add_arguments", "main", "run_target", "CLI_HELP", "CLI_DESCRIPTION"]
@@ -72,21 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--fresh", action="store_true",
                         help="redo the analysis even when the table is up to date (finished runs are reused)")
 
-    plain = parser.parse_known_args
-
-    def parse_known_args(args=None, namespace=None):
-        # key=value after an option (`toy --scale tiny data.root=x`) belongs to the overrides
-        ns, extras = plain(args, namespace)
-        rest = []
-        for a in extras:
-            if "=" in a and not a.startswith("-"):
-                ns.overrides = list(ns.overrides or []) + [a]
-            else:
-                rest.append(a)
-        return ns, rest
-
-    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
-    return parser
+    # key=value after an option (`toy --scale tiny data.root=x`) belongs to the overrides
+    return collect_overrides(parser)
 
 
 def run_target(name: str, *, scale: str = "cpu", out: str | Path | None = None, seed: int = 0,

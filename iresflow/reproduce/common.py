@@ -29,6 +29,8 @@ from typing import Any, Sequence
 
 import yaml
 
+from iresflow.files import read_json
+
 __all__ = ["SCALES", "ReproduceError", "Context", "load_run", "read_json", "repo_path", "scale_file"]
 
 SCALES = ("tiny", "cpu", "paper")
@@ -57,12 +59,6 @@ def scale_file(target: str) -> Path:
     return config_dir() / "reproduce" / f"{target}.yaml"
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _clean(value: Any) -> Any:

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from iresflow.files import write_atomic
 from iresflow.run.errors import RunDirError
 from iresflow.run.lock import LOCK_NAME
 
@@ -30,14 +31,6 @@ __all__ = ["RunFolder", "write_atomic", "write_metrics_json"]
 STATUSES = ("running", "finished", "interrupted", "failed")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that a reader (or a crash) sees the old or the new file, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_metrics_json(path: Path, metrics: dict[str, float]) -> None:

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from iresflow.cliargs import collect_overrides
 from iresflow.sweep.expand import swept_names
 from iresflow.sweep.launcher import DEFAULT_GRACE, run_sweep
 from iresflow.sweep.outcome import EXIT_INTERRUPTED, EXIT_PREEMPTED, Folder, RunResult, current_result
@@ -80,22 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--project", default=None, help="W&B project for --wandb (default: the spec's, or iresflow)")
     parser.add_argument("--entity", default=None, help="W&B entity for --wandb")
 
-    # argparse fills a nargs="*" positional only once, so `SPEC --dry-run a=1` would leave
-    # `a=1` unrecognised; collect key=value leftovers into the overrides (also as a subparser).
-    plain = parser.parse_known_args
-
-    def parse_known_args(args=None, namespace=None):
-        ns, extras = plain(args, namespace)
-        rest = []
-        for a in extras:
-            if "=" in a and not a.startswith("-"):
-                ns.overrides = list(ns.overrides or []) + [a]
-            else:
-                rest.append(a)
-        return ns, rest
-
-    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
-    return parser
+    return collect_overrides(parser)  # `SPEC --dry-run a=1`: a=1 is an override too
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:

@@ -15,7 +15,6 @@ A run's status in a sweep: ``finished`` (now), ``cached`` (finished before), ``f
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -25,6 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from iresflow.files import read_json, write_json
 from iresflow.sweep.plan import Run
 
 __all__ = ["EXIT_BUSY", "EXIT_PREEMPTED", "EXIT_INTERRUPTED", "Folder", "Attempt", "Record", "RunResult",
@@ -49,21 +49,6 @@ def seconds_between(start: str, end: str) -> float:
     return (parse(end) - parse(start)).total_seconds()
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path``; ``{}`` when it is missing, unreadable or not an object."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write atomically: a reader (another shard's summary) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def process_alive(pid: int) -> bool:

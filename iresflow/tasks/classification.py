@@ -9,7 +9,7 @@ is logged (``val/recon_error``), with the solver's iterations and convergence.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
