@@ -73,6 +73,13 @@ def _image(n=3, c=1, size=4):
     return torch.rand(n, c, size, size, dtype=DT) * 0.9 + 0.05
 
 
+def _check_exact(flow, x, noise=None):
+    """log p(x) against brute force, and the inverse back to x."""
+    _initialised(flow, x, noise)
+    torch.testing.assert_close(flow.log_prob(x), _brute_force_log_prob(flow, x), rtol=0, atol=1e-9)
+    assert (flow.inverse(flow.forward_and_logdet(x)[0]) - x).abs().max() < 1e-9
+
+
 # --------------------------------------------------------------------------- layout
 
 def test_fc_end_adds_fully_connected_blocks_on_the_flattened_features():
@@ -84,10 +91,7 @@ def test_fc_end_adds_fully_connected_blocks_on_the_flattened_features():
     dim = 2 * 2 * 2  # the last scale keeps 2 of the 4 channels at 2x2
     assert [lin.weight.shape[0] for lin in fc_blocks[0].layer.g.net if hasattr(lin, "weight")] == [6, 5, dim]
     assert fc.scales[0].layers is not None and not any(isinstance(m, Flattened) for m in fc.scales[0].layers)
-    x = _image()
-    _initialised(fc, x)
-    torch.testing.assert_close(fc.log_prob(x), _brute_force_log_prob(fc, x), rtol=0, atol=1e-9)
-    assert (fc.inverse(fc.forward_and_logdet(x)[0]) - x).abs().max() < 1e-9
+    _check_exact(fc, _image())
 
 
 def test_factor_out_off_keeps_every_dimension_to_the_end():
@@ -102,20 +106,13 @@ def test_factor_out_off_keeps_every_dimension_to_the_end():
     assert last_blocks[0].g.in_channels == 16  # the last scale transforms all 256 dimensions
     factored = _flow((1, 8, 8), n_scales=3)
     assert factored._z_shapes == [(2, 4, 4), (4, 2, 2), (4, 2, 2)]
-    small = _flow((1, 4, 4), n_scales=2, factor_out=False)
-    x = _image()
-    _initialised(small, x)
-    torch.testing.assert_close(small.log_prob(x), _brute_force_log_prob(small, x), rtol=0, atol=1e-9)
-    assert (small.inverse(small.forward_and_logdet(x)[0]) - x).abs().max() < 1e-9
+    _check_exact(_flow((1, 4, 4), n_scales=2, factor_out=False), _image())
 
 
 def test_squeeze_first_halves_the_image_before_the_first_scale():
     flow = _flow((1, 4, 4), n_scales=2, squeeze_first=True)
     assert flow.scales[0].layers[1].g.in_channels == 4 and flow._z_shapes == [(8, 1, 1), (8, 1, 1)]
-    x = _image()
-    _initialised(flow, x)
-    torch.testing.assert_close(flow.log_prob(x), _brute_force_log_prob(flow, x), rtol=0, atol=1e-9)
-    assert (flow.inverse(flow.forward_and_logdet(x)[0]) - x).abs().max() < 1e-9
+    _check_exact(flow, _image())
 
 
 @pytest.mark.parametrize("in_shape", [(3,), (1, 4, 4)])
@@ -154,9 +151,7 @@ def test_learned_prior_is_a_diagonal_gaussian():
     with torch.no_grad():
         flow.prior.mean.normal_()
         flow.prior.log_std.normal_(0, 0.3)
-    x = _image()
-    _initialised(flow, x)
-    torch.testing.assert_close(flow.log_prob(x), _brute_force_log_prob(flow, x), rtol=0, atol=1e-9)
+    _check_exact(flow, _image())
     with pytest.raises(ValueError, match="standard, learned"):
         _flow((2,), prior="laplace")
 
@@ -218,9 +213,7 @@ def test_implicit_vector_flow_log_prob_matches_brute_force():
     torch.manual_seed(0)
     flow = _flow((3,), n_blocks=2, block=factory("block", TIGHT_IMPLICIT))
     assert all(isinstance(b, ImplicitBlock) for b in flow.blocks) and len(flow.blocks) == 2
-    x = torch.randn(4, 3, dtype=DT)
-    _initialised(flow, x)
-    torch.testing.assert_close(flow.log_prob(x), _brute_force_log_prob(flow, x), rtol=0, atol=1e-9)
+    _check_exact(flow, torch.randn(4, 3, dtype=DT))
 
 
 @pytest.mark.parametrize("in_shape, residual", [((3,), {"name": "dense_mlp", "depth": 2, "growth": 4}),
@@ -231,9 +224,7 @@ def test_residual_kind_is_a_config_node(in_shape, residual):
     cls = DenseMLPResidual if len(in_shape) == 1 else DenseConvResidual
     assert flow.blocks and all(isinstance(b.g, cls) for b in flow.blocks)
     assert all(b.g.coeff == 0.9 for b in flow.blocks)  # the model's settings reach the function
-    x = _image() if len(in_shape) == 3 else torch.randn(3, 3, dtype=DT)
-    _initialised(flow, x)
-    torch.testing.assert_close(flow.log_prob(x), _brute_force_log_prob(flow, x), rtol=0, atol=1e-9)
+    _check_exact(flow, _image() if len(in_shape) == 3 else torch.randn(3, 3, dtype=DT))
     other = {"name": "conv"} if len(in_shape) == 1 else {"name": "mlp"}
     with pytest.raises(ValueError, match="cannot be built for"):
         _flow(in_shape, residual=factory("residual", other), **kw)
