@@ -284,15 +284,22 @@ def kind_of_parameter(param: str) -> str | None:
     return None
 
 
+def _names_a_component(value: Any) -> bool:
+    """A name, or a mapping with a ``name`` key (a mapping without one is a plain setting)."""
+    return isinstance(value, str) or (_is_node(value) and "name" in _to_container(value))
+
+
 def _nested_factories(params: dict[str, Any]) -> dict[str, Any]:
-    """Component parameters given as names or nodes become :class:`Factory` objects."""
+    """Component parameters given as names or nodes become :class:`Factory` objects; a list whose
+    every item is a name or a node (``block: [residual, implicit]``, one per stage) a list of them."""
     out = {}
     for key, value in params.items():
         kind = kind_of_parameter(key)
-        if kind is not None and kind in _REGISTRY and _is_node(value):
-            is_node = not isinstance(value, str) and "name" in _to_container(value)
-            if isinstance(value, str) or is_node:
+        if kind is not None and kind in _REGISTRY:
+            if _names_a_component(value):
                 value = factory(kind, value)
+            elif isinstance(value, (list, tuple)) and value and all(_names_a_component(v) for v in value):
+                value = [factory(kind, v) for v in value]
         out[key] = value
     return out
 

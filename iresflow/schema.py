@@ -63,6 +63,16 @@ KEY_TYPES: dict[str, Accepts] = {
     "data.eval_batch_size": A("int", "null"),
     "data.image_size": A("list"),
     "model.hidden": A("int", "list"),                 # one width, or one per layer
+    "model.actnorm": A("bool", words=("before", "after", "none")),  # where the ActNorms go (true: the default)
+    "model.block": A("str", "dict", "list", "null"),  # a block kind, or one per scale
+    "model.residual": A("str", "dict", "null"),       # null: mlp for vectors, conv for images
+    "model.fc_residual": A("str", "dict", "null"),    # null: an mlp of model.fc_hidden
+    "model.fc_hidden": A("list"),
+    "model.prior": A(words=("standard", "learned")),
+    "model.padding_distribution": A(words=("uniform", "gaussian")),
+    "model.logit_alpha": A("float", "null"),          # null: no logit transform
+    "task.ema_decay": A("float", "null"),             # null: no EMA of the weights
+    "task.head": A(words=("per_scale", "final")),
     "task.eval_estimator": A("str", "dict", "null"),  # a registered estimator, or null: the model's own
     "task.milestones": A("list"),
     "logger.entity": A("str", "null"),

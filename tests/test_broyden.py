@@ -201,3 +201,38 @@ def test_settings_are_validated_and_registered():
     for bad in (dict(tol=0), dict(rtol=-1), dict(memory=0), dict(growth=0.5), dict(max_iter=0)):
         with pytest.raises(ValueError):
             BroydenSolver(**bad)
+
+
+class _RowCounter(nn.Module):
+    """A per-sample residual function that records how many rows each call sees."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.rows = inner, []
+
+    def forward(self, x):
+        self.rows.append(x.shape[0])
+        return self.inner(x)
+
+
+def test_a_module_is_evaluated_only_on_the_samples_still_being_solved():
+    """As for the other solvers (iresflow.nn.solvers): samples stop one by one; a residual function
+    (an nn.Module) is then evaluated on the rest only, and SolveInfo.sample_evaluations counts it."""
+    inner = Contraction(8, 0.97)
+    y = torch.randn(6, 8, dtype=torch.float64)
+    y[:3] *= 1e-3  # these converge in far fewer steps
+    g = _RowCounter(inner)
+    x, info = BroydenSolver(tol=1e-10).solve(g, y)
+    assert info.converged and info.unconverged == 0
+    assert _rms(x + inner(x) - y).max().item() <= 1e-10
+    assert min(g.rows) < 6 and g.rows[0] == 6
+    assert info.sample_evaluations == pytest.approx(sum(g.rows) / 6) and info.sample_evaluations < info.evaluations
+    calls = []
+
+    def closure(t):  # not a module: always the whole batch, the converged samples held at their solution
+        calls.append(t.shape[0])
+        return inner(t)
+
+    x2, info2 = BroydenSolver(tol=1e-10).solve(closure, y)
+    assert set(calls) == {6} and info2.sample_evaluations == info2.evaluations
+    torch.testing.assert_close(x2, x, atol=1e-9, rtol=0)

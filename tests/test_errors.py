@@ -257,7 +257,7 @@ def test_a_strict_solver_fails_at_the_first_validation(plugin_dir, tmp_path, cap
     """model.solver.strict=true: the first validation's inverse check stops the run (20 steps an
     epoch here), one line, exit 1; not the test after 60 steps of training."""
     out = tmp_path / "run"
-    code = main(["train", *run_args(plugin_dir, out, "+model.solver.strict=true", "model.solver.max_iter=1",
+    code = main(["train", *run_args(plugin_dir, out, "model.solver.strict=true", "model.solver.max_iter=1",
                                     steps=60)])
     line = _summary_line(capsys)
     assert code == 1 and "did not converge" in line and "strict" in line

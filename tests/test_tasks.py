@@ -307,3 +307,57 @@ def test_sampling_temperature_is_honoured_or_refused():
         task.sample(5, temperature=0.5)  # never silently at temperature 1
     with pytest.raises(TypeError, match="a bug inside"):
         DensityTask(_SampleBuggy(), dims=(2,)).sample(5, temperature=0.5)  # not retried without it
+
+
+# --------------------------------------------------------------------------- successors' blocks in the tasks
+
+def test_the_dense_eta_counter_advances_per_optimizer_step(tmp_path):
+    """Frozen concatenation weights (freeze_steps) count optimiser steps, not forwards: with two
+    batches accumulated per step, the angles stay put for exactly the first 3 of 4 steps."""
+
+    class Angles(pl.Callback):
+        def __init__(self):
+            self.after = []
+
+        def on_train_batch_end(self, trainer, module, *args):
+            self.after.append([m.angle.item() for m in module.modules() if hasattr(m, "angle")])
+
+    torch.manual_seed(0)
+    flow = ResidualFlow(in_shape=(2,), n_blocks=1, coeff=0.9, actnorm=False, estimator=ExactLogDet(),
+                        residual=registry.factory("residual", {"name": "dense_mlp", "depth": 1, "growth": 4,
+                                                               "freeze_steps": 3}))
+    start = [m.angle.item() for m in flow.modules() if hasattr(m, "angle")]
+    task = DensityTask(flow, dims=(2,), picture_every_n_val=0, optimizer=_optimizer(name="adam", lr=0.05))
+    angles = Angles()
+    _trainer(tmp_path, steps=4, accumulate_grad_batches=2, limit_val_batches=0, callbacks=[angles]).fit(
+        task, datamodule=Toy2DDataModule("8gaussians", batch_size=16, train_size=64, val_size=16, test_size=16))
+    layers = [m for m in flow.modules() if hasattr(m, "angle")]
+    assert layers and all(int(m.steps) == 4 for m in layers)  # 8 training forwards, 4 steps
+    after_steps = angles.after[1::2]  # the batches that ended an optimiser step
+    assert after_steps[2] == start and after_steps[3] != start
+
+
+def test_diagnostics_and_the_test_estimator_see_implicit_blocks():
+    from iresflow.nn.implicit import ImplicitBlock
+
+    torch.manual_seed(0)
+    flow = ResidualFlow(in_shape=(2,), n_blocks=2, hidden=[8], coeff=0.9, actnorm=False,
+                        block=registry.factory("block", "implicit"),
+                        estimator=registry.factory("estimator", {"name": "power_series", "n_terms": 3}))
+    task = DensityTask(flow, dims=(2,), eval_estimator=registry.factory("estimator", "exact"))
+    blocks = task.blocks()
+    assert len(blocks) == 2 and all(isinstance(b, ImplicitBlock) for b in blocks)
+    x = torch.randn(8, 2)
+    z, _ = flow.forward_and_logdet(x)
+    flow.inverse(z)
+    diag = task.block_diagnostics()
+    assert diag["estimator_terms"] == 3.0 and diag["solver_converged"] == 1.0
+    assert diag["lipschitz_max"] == pytest.approx(max(b.lipschitz_bound() for b in blocks))
+    assert diag["lipschitz_max"] == pytest.approx(max(float(g.lipschitz_bound()) for b in blocks
+                                                      for g in (b.g_x, b.g_z)))
+    assert diag["invertible_by_construction"] == 1.0
+    before = [(b.estimator_x, b.estimator_z) for b in blocks]
+    with task.evaluation_estimator():
+        assert all(isinstance(e, ExactLogDet) for b in blocks for e in (b.estimator_x, b.estimator_z))
+        assert blocks[0].estimator_x is not blocks[0].estimator_z
+    assert [(b.estimator_x, b.estimator_z) for b in blocks] == before

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from iresflow.nn.block import InvertibleResidualBlock
+from iresflow.nn.block import ContractionBlock, InvertibleResidualBlock
 from iresflow.nn.layers import ActNorm, InjectivePad, Squeeze
 from iresflow.nn.residual import ConvResidual, MLPResidual
 from iresflow.nn.activations import ELU
@@ -89,8 +89,8 @@ class IResNetClassifier(nn.Module):
                                   nn.Flatten(), nn.Linear(c, self.num_classes))
 
     @property
-    def blocks(self) -> list[InvertibleResidualBlock]:
-        return [m for m in self.features if isinstance(m, InvertibleResidualBlock)]
+    def blocks(self) -> list[ContractionBlock]:
+        return [m for m in self.features.modules() if isinstance(m, ContractionBlock)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, num_classes]``."""

@@ -1,7 +1,10 @@
-"""The invertible residual block ``F(x) = x + g(x)`` with its inverse and log-det.
+"""Contraction blocks (kind ``block``) and the invertible residual block ``F(x) = x + g(x)``.
 
 A block bundles three swappable choices: the residual function ``g`` (which
 must satisfy ``Lip(g) < 1``), the inverse solver and the log-det estimator.
+:class:`ContractionBlock` is what every block kind shares (``residual`` here,
+``implicit`` in :mod:`iresflow.nn.implicit`, or a plugin's): models, tasks and
+diagnostics recognise blocks by it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from iresflow.nn.logdet import RussianRouletteLogDet
 from iresflow.nn.solvers import FixedPointSolver, SolveInfo
 from iresflow.registry import Factory, instance, register
 
-__all__ = ["InvertibleResidualBlock"]
+__all__ = ["ContractionBlock", "InvertibleResidualBlock"]
 
 
 def _one(spec: Any) -> Any:
@@ -25,9 +28,40 @@ def _one(spec: Any) -> Any:
     return instance(spec) if isinstance(spec, (Factory, str, Mapping)) else spec
 
 
+class ContractionBlock(nn.Module):
+    """Base of the block kind: an invertible map built from Lipschitz-constrained residual functions.
+
+    A block has ``forward(x)``, ``forward_and_logdet(x) -> (y, logdet[B])``, ``inverse(y)``,
+    ``last_solve_info`` (the last solve's :class:`SolveInfo`, or None), ``lipschitz_bound()``
+    (the largest certified bound of its residual functions) and names the attributes that hold
+    its log-det estimators in ``estimator_names`` (a task swaps them for evaluation).
+    """
+
+    #: the attributes holding this block's log-det estimators
+    estimator_names: tuple[str, ...] = ("estimator",)
+    last_solve_info: SolveInfo | None = None
+
+    def residual_functions(self) -> list[nn.Module]:
+        """The residual functions whose ``Lip < 1`` makes the block invertible."""
+        raise NotImplementedError
+
+    def estimators(self) -> list[nn.Module]:
+        return [getattr(self, name) for name in self.estimator_names]
+
+    def lipschitz_bound(self) -> float:
+        """The largest certified bound of the residual functions (``g.lipschitz_bound()``)."""
+        return max(float(g.lipschitz_bound()) for g in self.residual_functions())
+
+    def invertible_by_construction(self) -> bool:
+        """Whether every residual function's normalisation constrains ``Lip(g)`` (False for the
+        deliberately unconstrained ``normalization: none``)."""
+        return all(bool(getattr(getattr(g, "normalization", None), "constrains", True))
+                   for g in self.residual_functions())
+
+
 @register("block", "residual", description="residual block y = x + g(x), Lip(g) < 1 (i-ResNet): explicit "
                                           "forward, solved inverse")
-class InvertibleResidualBlock(nn.Module):
+class InvertibleResidualBlock(ContractionBlock):
     """``y = x + g(x)``; invertible because ``Lip(g) < 1``.
 
     Args:
@@ -72,9 +106,8 @@ class InvertibleResidualBlock(nn.Module):
         self.last_solve_info = info
         return x
 
-    def lipschitz_bound(self) -> float:
-        """The certified bound on ``Lip(g)``, from ``g.lipschitz_bound()``."""
-        return float(self.g.lipschitz_bound())
+    def residual_functions(self) -> list[nn.Module]:
+        return [self.g]
 
     def extra_repr(self) -> str:
         return f"solver={self.solver!r}"

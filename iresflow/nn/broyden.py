@@ -23,18 +23,22 @@ not taken (the sample stays where it was); its secant pair is still a true one
 and still updates ``H``, so the next step is better informed instead of the
 same. The point with the smallest residual is returned. Samples are solved
 independently (each its own ``H``) and stop, one by one, once
-``rms(h(x_b)) <= tol + rtol * scale_b``.
+``rms(h(x_b)) <= tol + rtol * scale_b``; as for the other solvers
+(:class:`iresflow.nn.solvers._Solver`, whose tolerances, reporting and per-sample
+bookkeeping this solver shares), a residual function (an ``nn.Module``) is then
+evaluated on the samples still being solved only, any other callable on the whole
+batch with the converged samples held at their solution.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Callable
 
 import torch
+from torch import nn
 
-from iresflow.nn.solvers import ConvergenceError, SolveInfo, _Solver
+from iresflow.nn.solvers import SolveInfo, _Solver
 from iresflow.registry import register
 
 __all__ = ["BroydenSolver"]
@@ -49,6 +53,26 @@ def _rms(t: torch.Tensor) -> torch.Tensor:
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(-1)
+
+
+class _Residual:
+    """``h`` at the rows ``rows`` of the batch: on those rows alone when ``by_sample``, else on the
+    whole batch with the other rows at ``fixed`` (their solution). Counts the rows it evaluates."""
+
+    def __init__(self, h: Function, shape: torch.Size, by_sample: bool):
+        self.h, self.shape, self.by_sample = h, shape, by_sample
+        self.rows_evaluated = 0
+
+    def __call__(self, x_rows: torch.Tensor, rows: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        batch = self.shape[0]
+        if self.by_sample or rows.numel() == batch:
+            self.rows_evaluated += rows.numel()
+            return self.h(x_rows.view(-1, *self.shape[1:]), rows).reshape(x_rows.shape)
+        full = fixed.clone()
+        full[rows] = x_rows
+        self.rows_evaluated += batch
+        everything = torch.arange(batch, device=rows.device)
+        return self.h(full.view(self.shape), everything).reshape(full.shape)[rows]
 
 
 @register("solver", "broyden", description="limited-memory good Broyden (quasi-Newton, per sample): few "
@@ -69,93 +93,97 @@ class BroydenSolver(_Solver):
 
     def __init__(self, tol: float = 1e-6, rtol: float = 0.0, max_iter: int = 100, memory: int = 30,
                  growth: float = 2.0, strict: bool = False):
-        super().__init__(tol, max_iter, strict)
-        if rtol < 0:
-            raise ValueError(f"rtol must be >= 0, got {rtol}")
+        super().__init__(tol, max_iter, strict, rtol)
         if memory < 1:
             raise ValueError(f"memory must be >= 1, got {memory}")
         if not growth >= 1:
             raise ValueError(f"growth must be >= 1 (a step may not be required to shrink the residual), "
                              f"got {growth}")
-        self.rtol = float(rtol)
         self.memory = int(memory)
         self.growth = float(growth)
 
     # -- the two problem forms ---------------------------------------------------
     def _solve(self, f: Function, y: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, SolveInfo]:
-        return self._broyden(lambda t: t + f(t) - y, x, _rms(y.reshape(y.shape[0], -1)))
+        y_flat = y.reshape(y.shape[0], -1)
+
+        def h(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # x + f(x) - y at those rows
+            return t + f(t) - y[rows]
+
+        return self._broyden(_Residual(h, y.shape, isinstance(f, nn.Module)), x, self._thresholds(y_flat))
 
     def root(self, h: Function, x0: torch.Tensor, scale: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, SolveInfo]:
-        """Solve ``h(x) = 0`` from ``x0`` (no grad): sample ``b`` has converged when
-        ``rms(h(x)_b) <= tol + rtol * scale_b`` (``scale``: ``[B]``, default 0).
+        """Solve ``h(x) = 0`` from ``x0`` (no grad; ``h`` is evaluated on the whole batch): sample ``b``
+        has converged when ``rms(h(x)_b) <= tol + rtol * scale_b`` (``scale``: ``[B]``, default 0).
         Reports like :meth:`solve`: warns when it did not converge, raises when ``strict``."""
         batch = x0.shape[0]
         scale = x0.new_zeros(batch) if scale is None else scale.reshape(batch).to(x0.dtype)
+        residual = _Residual(lambda t, rows: h(t), x0.shape, by_sample=False)
         with torch.no_grad():
-            x, info = self._broyden(h, x0.clone(), scale)
-        if not info.converged:
-            msg = (f"{type(self).__name__} did not converge: residual {info.residual:.3e} > "
-                   f"tol {self.tol:.1e} + rtol {self.rtol:.1e} * scale after {info.iterations} iterations "
-                   f"({info.evaluations} evaluations)")
-            if self.strict:
-                raise ConvergenceError(msg)
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            x, info = self._broyden(residual, x0.clone(), self.tol + self.rtol * scale)
+        self._report(info, batch, scale="scale")
         return x, info
 
     # -- the method -----------------------------------------------------------------
-    def _broyden(self, h: Function, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, SolveInfo]:
+    def _broyden(self, h: _Residual, x: torch.Tensor, bound: torch.Tensor) -> tuple[torch.Tensor, SolveInfo]:
         shape, batch = x.shape, x.shape[0]
-        x = x.reshape(batch, -1)
+        x = x.reshape(batch, -1).clone()
         # H = I + sum_i a_i b_i^T per sample; all-zero slots contribute nothing.
         memory = min(self.memory, self.max_iter)
         a = x.new_zeros(batch, memory, x.shape[1])
         b = torch.zeros_like(a)
-
-        def apply_h(v: torch.Tensor) -> torch.Tensor:  # H v
-            return v + torch.einsum("bmd,bm->bd", a, torch.einsum("bmd,bd->bm", b, v))
-
-        def apply_h_t(v: torch.Tensor) -> torch.Tensor:  # H^T v
-            return v + torch.einsum("bmd,bm->bd", b, torch.einsum("bmd,bd->bm", a, v))
-
-        hx = h(x.view(shape)).reshape(batch, -1)
+        everything = torch.arange(batch, device=x.device)
+        hx = h(x, everything, x)
         evaluations, it = 1, 0
         res = _rms(hx)
-        best, best_res = x, res  # the point with the smallest residual so far, per sample
-        bound = self.tol + self.rtol * scale
-        active = ~(res <= bound)  # (a non-finite residual is not converged)
+        best, best_res = x.clone(), res.clone()  # the point with the smallest residual so far, per sample
         tiny = torch.finfo(x.dtype).tiny
         slot = 0
-        while it < self.max_iter and bool(active.any()) and bool(best_res.isfinite().all()):
+        while it < self.max_iter and bool(best_res.isfinite().all()):
+            rows = (~(best_res <= bound)).nonzero().flatten()  # (a non-finite residual is not converged)
+            if rows.numel() == 0:
+                break
             it += 1
-            step = torch.where(active[:, None], -apply_h(hx), torch.zeros_like(hx))
-            trial = x + step
-            h_trial = h(trial.view(shape)).reshape(batch, -1)
+            a_r, b_r, x_r, hx_r = a[rows], b[rows], x[rows], hx[rows]
+
+            def apply_h(v: torch.Tensor) -> torch.Tensor:  # H v
+                return v + torch.einsum("bmd,bm->bd", a_r, torch.einsum("bmd,bd->bm", b_r, v))
+
+            def apply_h_t(v: torch.Tensor) -> torch.Tensor:  # H^T v
+                return v + torch.einsum("bmd,bm->bd", b_r, torch.einsum("bmd,bd->bm", a_r, v))
+
+            step = -apply_h(hx_r)
+            trial = x_r + step
+            h_trial = h(trial, rows, best)
             evaluations += 1
             res_trial = _rms(h_trial)
 
             # Secant update H += (s - H d)(s^T H) / (s^T H d) from every finite trial.
-            d = h_trial - hx
+            d = h_trial - hx_r
             hd = apply_h(d)
             denom = _dot(step, hd)
             # (a vanishing denominator: no usable secant information in this step)
-            usable = (active & h_trial.isfinite().all(1)
+            usable = (h_trial.isfinite().all(1)
                       & (denom.abs() > 1e-8 * step.norm(dim=1) * hd.norm(dim=1) + tiny))[:, None]
             if slot == memory:  # memory used up: restart from H = I
                 a.zero_()
                 b.zero_()
+                a_r.zero_()
+                b_r.zero_()
                 slot = 0
-            a[:, slot] = torch.where(usable, (step - hd) / torch.where(usable, denom[:, None], 1.0), 0.0)
-            b[:, slot] = torch.where(usable, apply_h_t(step), 0.0)
+            a[rows, slot] = torch.where(usable, (step - hd) / torch.where(usable, denom[:, None], 1.0), 0.0)
+            b[rows, slot] = torch.where(usable, apply_h_t(step), 0.0)
             slot += 1
 
-            taken = active & (res_trial <= self.growth * best_res)  # False for a non-finite trial
-            x = torch.where(taken[:, None], trial, x)
-            hx = torch.where(taken[:, None], h_trial, hx)
-            res = torch.where(taken, res_trial, res)
-            better = res < best_res
-            best = torch.where(better[:, None], x, best)
-            best_res = torch.where(better, res, best_res)
-            active = ~(best_res <= bound)
-        worst = best_res.max().item()
-        return best.view(shape), SolveInfo(it, evaluations, worst, bool((best_res <= bound).all()))
+            taken = res_trial <= self.growth * best_res[rows]  # False for a non-finite trial
+            x[rows] = torch.where(taken[:, None], trial, x_r)
+            hx[rows] = torch.where(taken[:, None], h_trial, hx_r)
+            res_r = torch.where(taken, res_trial, res[rows])
+            res[rows] = res_r
+            better = res_r < best_res[rows]
+            best[rows] = torch.where(better[:, None], x[rows], best[rows])
+            best_res[rows] = torch.where(better, res_r, best_res[rows])
+        unconverged = int((~(best_res <= bound)).sum())
+        info = SolveInfo(it, evaluations, best_res.max().item(), unconverged == 0,
+                         h.rows_evaluated / batch, unconverged)
+        return best.view(shape), info

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from iresflow.nn.block import _one
+from iresflow.nn.block import ContractionBlock, _one
 from iresflow.nn.broyden import BroydenSolver
 from iresflow.nn.lipschitz import LIPSCHITZ_LAYERS, LipschitzConv2d
 from iresflow.nn.logdet import RussianRouletteLogDet
@@ -109,7 +109,7 @@ class _ImplicitSolution(torch.autograd.Function):
 
 @register("block", "implicit", description="implicit block z + g_z(z) = x + g_x(x) (ImpFlow): root-finding "
                                            "forward and inverse, log-det difference, implicit gradient")
-class ImplicitBlock(nn.Module):
+class ImplicitBlock(ContractionBlock):
     """``z = F(x)`` with ``z + g_z(z) = x + g_x(x)``; both ``g`` Lipschitz-constrained below 1.
 
     Args:
@@ -127,6 +127,8 @@ class ImplicitBlock(nn.Module):
     ``last_solve_info`` holds the last forward or inverse solve's report,
     ``last_adjoint_info`` the last backward solve's.
     """
+
+    estimator_names = ("estimator_x", "estimator_z")
 
     def __init__(self, g: nn.Module, g_z: nn.Module | None = None, solver: Any = None, estimator: Any = None,
                  adjoint_solver: Any = None):
@@ -164,9 +166,9 @@ class ImplicitBlock(nn.Module):
         self.last_solve_info = info
         return x
 
-    def lipschitz_bound(self) -> float:
-        """The larger certified bound of ``g_x`` and ``g_z`` (both must be below 1)."""
-        return max(float(self.g_x.lipschitz_bound()), float(self.g_z.lipschitz_bound()))
+    def residual_functions(self) -> list[nn.Module]:
+        """``g_x`` and ``g_z`` (both must be contractions; ``lipschitz_bound()`` is the larger bound)."""
+        return [self.g_x, self.g_z]
 
     # -- the pieces ------------------------------------------------------------------
     def _upkeep(self, x: torch.Tensor) -> None:

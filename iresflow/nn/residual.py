@@ -126,6 +126,8 @@ class MLPResidual(ResidualFunction):
         norm = _normalization(normalization, coeff, n_iterations=n_iterations, tol=tol,
                               max_iterations=max_iterations)
         widths = [int(dim), *[int(h) for h in hidden], int(dim)]
+        if min(widths) < 1:
+            raise ValueError(f"the widths of g must be at least 1, got dim={dim}, hidden={list(hidden)}")
         layers: list[nn.Module] = []
         width_in, lip_in = widths[0], 1.0
         if preact:
@@ -166,6 +168,9 @@ class ConvResidual(ResidualFunction):
                               max_iterations=max_iterations)
         if any(int(k) % 2 == 0 for k in kernel_sizes):
             raise ValueError(f"kernel sizes must be odd ('same' padding keeps the shape), got {kernel_sizes}")
+        if int(hidden_channels) < 1 or int(in_channels) < 1:
+            raise ValueError(f"the channels of g must be at least 1, got in_channels={in_channels}, "
+                             f"hidden_channels={hidden_channels}")
         size = None if input_size is None else (int(input_size[0]), int(input_size[1]))
         channels = [int(in_channels)] + [int(hidden_channels)] * (len(kernel_sizes) - 1) + [int(in_channels)]
         layers: list[nn.Module] = []

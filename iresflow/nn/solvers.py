@@ -88,16 +88,22 @@ class _Solver:
         """Solve ``x + f(x) = y`` (no grad); returns ``(x, SolveInfo)``."""
         with torch.no_grad():
             x, info = self._solve(f, y, y.clone() if x0 is None else x0.clone())
-        if not info.converged:
-            rel = f" + rtol {self.rtol:.1e} x rms(y)" if self.rtol else ""
-            where = f" on {info.unconverged} of {y.shape[0]} samples" if info.unconverged else ""
-            msg = (f"{type(self).__name__} did not converge: residual {info.residual:.3e} > "
-                   f"tol {self.tol:.1e}{rel}{where} after {info.iterations} iterations "
-                   f"({info.evaluations} evaluations)")
-            if self.strict:
-                raise ConvergenceError(msg)
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        self._report(info, y.shape[0], scale="rms(y)")
         return x, info
+
+    def _report(self, info: SolveInfo, batch: int, scale: str) -> None:
+        """A solve that did not converge: a warning, or :class:`ConvergenceError` when ``strict``
+        (``scale``: what ``rtol`` multiplies, for the message)."""
+        if info.converged:
+            return
+        rel = f" + rtol {self.rtol:.1e} x {scale}" if self.rtol else ""
+        where = f" on {info.unconverged} of {batch} samples" if info.unconverged else ""
+        msg = (f"{type(self).__name__} did not converge: residual {info.residual:.3e} > "
+               f"tol {self.tol:.1e}{rel}{where} after {info.iterations} iterations "
+               f"({info.evaluations} evaluations)")
+        if self.strict:
+            raise ConvergenceError(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
     def _solve(self, f: Function, y: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, SolveInfo]:
         raise NotImplementedError

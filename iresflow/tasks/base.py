@@ -40,6 +40,7 @@ from torch import nn
 
 __all__ = [
     "IResTask",
+    "estimator_names",
     "NonFiniteLossError",
     "LRSchedule",
     "SCHEDULERS",
@@ -113,9 +114,21 @@ def _lipschitz_layers(module: nn.Module) -> list[nn.Module]:
 
 
 def _constrained(block: nn.Module) -> bool:
-    """Whether the block's residual function is built to be a contraction (its normalisation constrains)."""
-    norm = getattr(getattr(block, "g", None), "normalization", None)
+    """Whether the block is built to be invertible (its residual functions' normalisations constrain)."""
+    check = getattr(block, "invertible_by_construction", None)
+    if check is not None:
+        return bool(check())
+    norm = getattr(getattr(block, "g", None), "normalization", None)  # a plugin block without the base class
     return bool(getattr(norm, "constrains", True))
+
+
+def estimator_names(block: nn.Module) -> tuple[str, ...]:
+    """The attributes of ``block`` that hold its log-det estimators (``estimator`` for a residual
+    block, ``estimator_x`` and ``estimator_z`` for an implicit one)."""
+    names = getattr(block, "estimator_names", None)
+    if names is not None:
+        return tuple(names)
+    return ("estimator",) if hasattr(block, "estimator") else ()
 
 
 class IResTask(LightningModule):
@@ -135,6 +148,10 @@ class IResTask(LightningModule):
         or "skip" (drop the batch, count it in ``train/skipped_batches``);
       max_consecutive_skips: with "skip", stop the run when this many batches in a row
         were skipped (the run diverged).
+      ema_decay: an exponential moving average of the weights with this decay (Residual
+        Flows: 0.999) is what validation, test, the pictures, the final checkpoint and
+        therefore ``iresflow eval`` / ``sample`` use (:class:`iresflow.tasks.ema.LipschitzEMA`,
+        Lightning's ``EMAWeightAveraging``); None: off.
     """
 
     #: the metric checkpoints call "best", and whether lower is better
@@ -145,8 +162,11 @@ class IResTask(LightningModule):
                  scheduler: str = "none", milestones: Sequence[int] = (), gamma: float = 0.1,
                  warmup_steps: int = 0, warmup_epochs: int = 0, lipschitz_iterations: int = 1,
                  lipschitz_eval_iterations: int = 10, on_nonfinite: str = "raise",
-                 max_consecutive_skips: int = 10):
+                 max_consecutive_skips: int = 10, ema_decay: float | None = None):
         super().__init__()
+        if ema_decay is not None and not 0.0 < float(ema_decay) < 1.0:
+            raise ValueError(f"ema_decay must lie in (0, 1) (Residual Flows: 0.999), or be null for no EMA; "
+                             f"got {ema_decay}")
         if scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
         if on_nonfinite not in NONFINITE:
@@ -165,6 +185,8 @@ class IResTask(LightningModule):
         self.lipschitz_eval_iterations = int(lipschitz_eval_iterations)
         self.on_nonfinite = on_nonfinite
         self.max_consecutive_skips = int(max_consecutive_skips)
+        self.ema_decay = None if ema_decay is None else float(ema_decay)
+        self._ema_callback: Any = None
         #: the resolved run config, saved inside every checkpoint (set by the run layer)
         self.run_config: dict[str, Any] | None = None
         #: PNG files written by this task (newest last)
@@ -199,12 +221,29 @@ class IResTask(LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
+    def configure_callbacks(self) -> list[Any]:
+        """The EMA of the weights when ``ema_decay`` is set (Lightning adds it to the trainer)."""
+        if self.ema_decay is None:
+            return []
+        if self._ema_callback is None:  # one for the task's life: trainer.test after fit keeps its state
+            from iresflow.tasks.ema import LipschitzEMA
+
+            self._ema_callback = LipschitzEMA(self.ema_decay)
+        return [self._ema_callback]
+
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         # Right after the step (before any callback may checkpoint): keep u, v of the normalised
         # layers converged to the new weights. Every rank runs the same iterations on the same
         # (all-reduced) weights, so the vectors stay identical across ranks.
         self.update_lipschitz(self.lipschitz_iterations)
+        # Modules that count optimiser steps (the dense layers' frozen concatenation weights).
+        for module in self.modules():
+            if module is not self and hasattr(module, "on_optimizer_step"):
+                module.on_optimizer_step()
+        if self._ema_callback is not None and self._trainer is not None:
+            # the average, with this step (Lightning counts the step in global_step once this hook returns)
+            self._ema_callback.after_optimizer_step(self, steps_done=self._trainer.global_step + 1)
 
     # ------------------------------------------------------------------ Lipschitz upkeep
     def update_lipschitz(self, n_iterations: int) -> None:
@@ -312,8 +351,8 @@ class IResTask(LightningModule):
         """Estimator terms, the last inverse solves and the certified Lipschitz bound."""
         out: dict[str, float] = {}
         blocks = self.blocks()
-        terms = [float(b.estimator.last_n_terms) for b in blocks
-                 if getattr(getattr(b, "estimator", None), "last_n_terms", None) is not None]
+        estimators = [getattr(b, name) for b in blocks for name in estimator_names(b)]
+        terms = [float(e.last_n_terms) for e in estimators if getattr(e, "last_n_terms", None) is not None]
         if terms:
             out["estimator_terms"] = sum(terms) / len(terms)
         infos = [b.last_solve_info for b in blocks if getattr(b, "last_solve_info", None) is not None]
@@ -324,12 +363,11 @@ class IResTask(LightningModule):
             out["solver_residual_max"] = float(max(float(i.residual) for i in infos))
         bounds = []
         for b in blocks:
-            # the bound is certified by the residual function; one without ``lipschitz_bound``
-            # certifies none (a plugin), and then there is nothing to report for its block
-            g = getattr(b, "g", None)
-            owner = g if g is not None else b
-            if hasattr(owner, "lipschitz_bound"):
-                bounds.append(float(owner.lipschitz_bound()))
+            # the bound is certified by the residual functions (the block reports the largest); a
+            # plugin without ``lipschitz_bound`` certifies none, and then there is nothing to report
+            functions = b.residual_functions() if hasattr(b, "residual_functions") else [getattr(b, "g", b)]
+            if all(hasattr(g, "lipschitz_bound") for g in functions):
+                bounds.append(max(float(g.lipschitz_bound()) for g in functions))
         if bounds:
             out["lipschitz_max"] = max(bounds)
         if blocks:

@@ -20,7 +20,36 @@ from torchmetrics.classification import MulticlassAccuracy
 from iresflow.registry import register
 from iresflow.tasks.base import IResTask
 
-__all__ = ["ClassificationTask"]
+__all__ = ["ClassificationTask", "accuracy_metrics", "log_accuracy"]
+
+STAGES = ("train", "val", "test")
+
+
+def accuracy_metrics(num_classes: int, top_k: int | None) -> dict[str, nn.Module]:
+    """Top-1 (and top-k) accuracy per stage, ``{stage}_acc`` / ``{stage}_acc_top{k}``.
+
+    torchmetrics reduces epoch values across DDP ranks; the per-step training values too
+    (``dist_sync_on_step``), so a logged step accuracy is the global batch's, not rank 0's."""
+    metrics: dict[str, nn.Module] = {}
+    for stage in STAGES:
+        sync = {"dist_sync_on_step": stage == "train"}
+        metrics[f"{stage}_acc"] = MulticlassAccuracy(num_classes, top_k=1, average="micro", **sync)
+        if top_k:
+            metrics[f"{stage}_acc_top{top_k}"] = MulticlassAccuracy(num_classes, top_k=top_k, average="micro",
+                                                                    **sync)
+    return metrics
+
+
+def log_accuracy(task: IResTask, metrics: nn.ModuleDict, stage: str, logits: torch.Tensor, y: torch.Tensor,
+                 top_k: int | None) -> None:
+    """Update the stage's accuracy metrics from ``accuracy_metrics`` and log them (``{stage}/acc``)."""
+    on_step = stage == "train"
+    metrics[f"{stage}_acc"](logits.detach(), y)
+    task.log(f"{stage}/acc", metrics[f"{stage}_acc"], prog_bar=True, on_step=on_step, on_epoch=True)
+    if top_k:
+        name = f"{stage}_acc_top{top_k}"
+        metrics[name](logits.detach(), y)
+        task.log(f"{stage}/acc_top{top_k}", metrics[name], on_step=on_step, on_epoch=True)
 
 
 @register("task", "classification", description="cross-entropy, top-1/top-k accuracy, block inverse checks")
@@ -49,16 +78,8 @@ class ClassificationTask(IResTask):
         self.check_inverse = bool(check_inverse)
         # the factories stay out: the run config (in every checkpoint) holds their nodes
         self.save_hyperparameters(ignore=["model", "optimizer", "eval_estimator"])
-        metrics: dict[str, nn.Module] = {}
-        for stage in ("train", "val", "test"):
-            # torchmetrics reduces epoch values across DDP ranks; the per-step training values too
-            # (dist_sync_on_step), so the logged step accuracy is the global batch's, not rank 0's
-            sync = {"dist_sync_on_step": stage == "train"}
-            metrics[f"{stage}_acc"] = MulticlassAccuracy(self.num_classes, top_k=1, average="micro", **sync)
-            if self.top_k:
-                metrics[f"{stage}_acc_top{self.top_k}"] = MulticlassAccuracy(
-                    self.num_classes, top_k=self.top_k, average="micro", **sync)
-            metrics[f"{stage}_loss"] = MeanMetric()
+        metrics = accuracy_metrics(self.num_classes, self.top_k)
+        metrics.update({f"{stage}_loss": MeanMetric() for stage in STAGES})
         self._metrics = nn.ModuleDict(metrics)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,13 +91,7 @@ class ClassificationTask(IResTask):
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         if stage == "train" and not self.check_loss(loss, batch_idx):
             return None
-        on_step = stage == "train"
-        self._metrics[f"{stage}_acc"](logits.detach(), y)
-        self.log(f"{stage}/acc", self._metrics[f"{stage}_acc"], prog_bar=True, on_step=on_step, on_epoch=True)
-        if self.top_k:
-            name = f"{stage}_acc_top{self.top_k}"
-            self._metrics[name](logits.detach(), y)
-            self.log(f"{stage}/acc_top{self.top_k}", self._metrics[name], on_step=on_step, on_epoch=True)
+        log_accuracy(self, self._metrics, stage, logits, y, self.top_k)
         if stage == "train":
             self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=True)
         else:

@@ -26,16 +26,37 @@ import contextlib
 import inspect
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
 from iresflow.registry import register
-from iresflow.tasks.base import IResTask
+from iresflow.tasks.base import IResTask, estimator_names
 
 __all__ = ["DensityTask", "bits_per_dim"]
+
+
+class _SavedEstimator(NamedTuple):
+    block: nn.Module
+    attribute: str
+    estimator: Any
+
+
+def _replace_estimators(blocks: Sequence[nn.Module], make) -> list[_SavedEstimator]:
+    """Set every estimator attribute of every block to ``make()``; returns what was there."""
+    saved = []
+    for block in blocks:
+        for name in estimator_names(block):
+            saved.append(_SavedEstimator(block, name, getattr(block, name)))
+            setattr(block, name, make())
+    return saved
+
+
+def _put_back_estimators(saved: list[_SavedEstimator]) -> None:
+    for entry in saved:
+        setattr(entry.block, entry.attribute, entry.estimator)
 
 
 def bits_per_dim(log_prob: torch.Tensor, num_dims: int, n_bits: float | None = 8) -> torch.Tensor:
@@ -89,7 +110,7 @@ class DensityTask(IResTask):
             f"{stage}_{name}": MeanMetric() for stage in ("val", "test") for name in ("nll", "bpd", "recon")
         })
         self._n_val = 0
-        self._saved_estimators: list[nn.Module] | None = None
+        self._saved_estimators: list[_SavedEstimator] | None = None
 
     # ------------------------------------------------------------------ core
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,12 +121,19 @@ class DensityTask(IResTask):
 
     def training_step(self, batch, batch_idx: int):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        logp = self.log_prob(x)
-        nll = -logp.mean()
-        bpd = self._bpd(logp).mean() if self.report_bpd else None
+        nll, bpd = self.density_terms(self.log_prob(x))
         loss = bpd if bpd is not None else nll
         if not self.check_loss(loss, batch_idx):
             return None
+        self.log_training(loss, nll, bpd)
+        return loss
+
+    def density_terms(self, logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The batch's mean NLL (nats) and, for discretised data, mean bits/dim (else None)."""
+        return -logp.mean(), (self._bpd(logp).mean() if self.report_bpd else None)
+
+    def log_training(self, loss: torch.Tensor, nll: torch.Tensor, bpd: torch.Tensor | None) -> None:
+        """The training step's loss, NLL, bits/dim and (every ``log_every_n_steps``) block diagnostics."""
         # sync_dist: under DDP the logged value is the mean over the ranks (the global batch)
         self.log("train/loss", loss.detach(), prog_bar=False, sync_dist=True)
         self.log("train/nll", nll.detach(), prog_bar=not self.report_bpd, sync_dist=True)
@@ -116,12 +144,15 @@ class DensityTask(IResTask):
             for key in ("estimator_terms", "lipschitz_max"):
                 if key in diag:
                     self.log(f"train/{key}", float(diag[key]), sync_dist=True)
-        return loss
 
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, stage: str, batch, batch_idx: int) -> None:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        logp = self.log_prob(x).detach()
+        self.log_evaluation(stage, x, self.log_prob(x).detach(), batch_idx)
+
+    def log_evaluation(self, stage: str, x: torch.Tensor, logp: torch.Tensor, batch_idx: int) -> None:
+        """NLL and bits/dim of an evaluation batch; on the first batch the reconstruction error of
+        ``inverse(forward(x))`` and the block diagnostics."""
         self._metrics[f"{stage}_nll"].update(-logp)
         self.log(f"{stage}/nll", self._metrics[f"{stage}_nll"], prog_bar=stage == "val" and not self.report_bpd)
         if self.report_bpd:
@@ -158,23 +189,22 @@ class DensityTask(IResTask):
 
     # ------------------------------------------------------------------ test-time estimator
     def _swap_estimators(self, node: Any) -> None:
+        """Every estimator of every block (an implicit block has two) replaced by a fresh one from ``node``."""
         from iresflow.registry import instance
 
-        blocks = [b for b in self.blocks() if hasattr(b, "estimator")]
-        self._saved_estimators = [b.estimator for b in blocks]
-        for b in blocks:
+        def fresh():
             est = instance(node)
             if isinstance(est, nn.Module):
                 est = est.to(self.device)
                 est.eval()
-            b.estimator = est
+            return est
+
+        self._saved_estimators = _replace_estimators(self.blocks(), fresh)
 
     def _restore_estimators(self) -> None:
         if self._saved_estimators is None:
             return
-        blocks = [b for b in self.blocks() if hasattr(b, "estimator")]
-        for b, est in zip(blocks, self._saved_estimators):
-            b.estimator = est
+        _put_back_estimators(self._saved_estimators)
         self._saved_estimators = None
 
     @contextlib.contextmanager
@@ -278,18 +308,15 @@ class DensityTask(IResTask):
         estimate's noise turns into a few bright speckles instead of the density."""
         from iresflow.nn.logdet import ExactLogDet
 
-        blocks = [b for b in self.blocks() if hasattr(b, "estimator")]
+        blocks = [b for b in self.blocks() if estimator_names(b)]
         if self.data_kind != "vector" or math.prod(self.dims) > max_dims or not blocks:
             yield
             return
-        saved = [b.estimator for b in blocks]
-        for b in blocks:
-            b.estimator = ExactLogDet().to(self.device).eval()
+        saved = _replace_estimators(blocks, lambda: ExactLogDet().to(self.device).eval())
         try:
             yield
         finally:
-            for b, est in zip(blocks, saved):
-                b.estimator = est
+            _put_back_estimators(saved)
 
     def _reference_points(self, datamodule, n: int) -> torch.Tensor | None:
         """Points of the data: the toy sampler if there is one, else validation batches."""
