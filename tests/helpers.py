@@ -52,3 +52,18 @@ def logdet_and_grads(est, g, x, weights, probes=None, seed=None):
     gx, logdet = est(g, x) if probes is None else est(g, x, probes=probes)
     loss = (weights * logdet).sum() + 0.5 * (gx ** 2).sum()
     return [logdet.detach(), *torch.autograd.grad(loss, [x, *(p for p in g.parameters() if p.requires_grad)])]
+
+
+def spectral_norm(j: torch.Tensor) -> float:
+    """Largest singular value of a materialised matrix (the exact operator norm)."""
+    return torch.linalg.matrix_norm(j, ord=2).item()
+
+
+def jacobian_norms(g, x) -> list[float]:
+    """``||J_g(x_i)||_2`` for every sample of ``x``, from the materialised Jacobian (eval mode)."""
+    g.eval()
+    out = []
+    for xi in x:
+        j = torch.autograd.functional.jacobian(lambda t: g(t.unsqueeze(0)).flatten(), xi, vectorize=True)
+        out.append(spectral_norm(j.reshape(j.shape[0], -1)))
+    return out

@@ -2,7 +2,6 @@
 on CPU, then the structure of the JSON it writes."""
 
 import json
-import os
 
 import pytest
 

@@ -14,12 +14,10 @@ from iresflow.nn.activations import ELU, CLipSwish, Identity, LipSwish
 from iresflow.nn.lipschitz import LIPSCHITZ_LAYERS, LipschitzConv2d, LipschitzLinear, update_lipschitz
 from iresflow.nn.residual import ConvResidual, MLPResidual
 from iresflow.registry import factory
+from helpers import jacobian_norms, spectral_norm
 
 torch.set_default_dtype(torch.float32)
 
-
-def _spectral(j: torch.Tensor) -> float:
-    return torch.linalg.matrix_norm(j, ord=2).item()
 
 
 def _conv_operator_norm(layer: LipschitzConv2d) -> float:
@@ -30,7 +28,7 @@ def _conv_operator_norm(layer: LipschitzConv2d) -> float:
     def op(x):
         return F.conv2d(x.view(1, c, h, w), weight, None, layer.stride, layer.padding).flatten()
 
-    return _spectral(torch.autograd.functional.jacobian(op, torch.zeros(c * h * w, dtype=weight.dtype), vectorize=True))
+    return spectral_norm(torch.autograd.functional.jacobian(op, torch.zeros(c * h * w, dtype=weight.dtype), vectorize=True))
 
 
 def _inflate(module, factor=10.0):
@@ -59,7 +57,7 @@ def test_reshaped_kernel_norm_would_underestimate():
     _inflate(layer)
     update_lipschitz(layer, n_iterations=1500)
     operator = _conv_operator_norm(layer)
-    kernel_matrix = _spectral(layer.normalized_weight().detach().flatten(1))
+    kernel_matrix = spectral_norm(layer.normalized_weight().detach().flatten(1))
     assert operator == pytest.approx(0.9, rel=1e-4)
     assert kernel_matrix < 0.9 * operator
 
@@ -69,7 +67,7 @@ def test_linear_exact_norm_and_soft_scaling():
     big = LipschitzLinear(6, 5, coeff=0.8).double()
     _inflate(big)
     update_lipschitz(big, n_iterations=500)
-    assert _spectral(big.normalized_weight().detach()) == pytest.approx(0.8, rel=1e-6)
+    assert spectral_norm(big.normalized_weight().detach()) == pytest.approx(0.8, rel=1e-6)
 
     small = LipschitzLinear(6, 5, coeff=0.8).double()
     with torch.no_grad():
@@ -85,7 +83,7 @@ def test_one_by_one_conv_uses_the_matrix_norm():
     assert layer.is_matrix and layer.input_size is None
     _inflate(layer)
     update_lipschitz(layer, n_iterations=500)
-    assert _spectral(layer.normalized_weight().detach().flatten(1)) == pytest.approx(0.6, rel=1e-6)
+    assert spectral_norm(layer.normalized_weight().detach().flatten(1)) == pytest.approx(0.6, rel=1e-6)
 
 
 def test_gradient_flows_through_sigma():
@@ -189,14 +187,6 @@ def test_clipswish_jacobian_norm_at_most_one_and_doubles_width():
 # --------------------------------------------------------------------------- residual functions
 
 
-def _jacobian_norms(g, x):
-    g.eval()
-    out = []
-    for xi in x:
-        j = torch.autograd.functional.jacobian(lambda t: g(t.unsqueeze(0)).flatten(), xi, vectorize=True)
-        out.append(_spectral(j.reshape(j.shape[0], -1)))
-    return out
-
 
 @pytest.mark.parametrize("activation", ["elu", "lipswish", "clipswish"])
 @pytest.mark.parametrize("coeff", [0.5, 0.9])
@@ -205,7 +195,7 @@ def test_mlp_residual_jacobian_is_below_c(activation, coeff):
     g = MLPResidual(3, hidden=(16, 16), activation=factory("activation", activation), coeff=coeff, preact=True).double()
     _inflate(g)
     update_lipschitz(g, n_iterations=1000)
-    norms = _jacobian_norms(g, torch.randn(8, 3, dtype=torch.float64) * 2)
+    norms = jacobian_norms(g, torch.randn(8, 3, dtype=torch.float64) * 2)
     assert max(norms) <= coeff * (1 + 1e-6)
     # The certified bound holds and is itself within c (c per map: c^3 for 3 maps).
     assert max(norms) <= g.lipschitz_bound() * (1 + 1e-6) <= coeff * (1 + 1e-6)
@@ -219,7 +209,7 @@ def test_conv_residual_jacobian_is_below_c(activation):
                      activation=factory("activation", activation), coeff=coeff).double()
     _inflate(g)
     update_lipschitz(g, n_iterations=1500)
-    norms = _jacobian_norms(g, torch.randn(4, 2, 5, 5, dtype=torch.float64))
+    norms = jacobian_norms(g, torch.randn(4, 2, 5, 5, dtype=torch.float64))
     assert max(norms) <= coeff * (1 + 1e-5)
     assert max(norms) <= g.lipschitz_bound() * (1 + 1e-5)
     assert g.lipschitz_bound() <= coeff ** 3 * (1 + 1e-6)
@@ -231,7 +221,7 @@ def test_single_linear_g_reaches_its_bound():
     g = MLPResidual(4, hidden=(), activation=Identity(), coeff=0.75).double()
     _inflate(g)
     update_lipschitz(g, n_iterations=1000)
-    assert max(_jacobian_norms(g, torch.randn(3, 4, dtype=torch.float64))) == pytest.approx(0.75, rel=1e-6)
+    assert max(jacobian_norms(g, torch.randn(3, 4, dtype=torch.float64))) == pytest.approx(0.75, rel=1e-6)
 
 
 def test_residual_settings_are_validated():
@@ -256,7 +246,7 @@ def test_mlp_bound_is_attained_with_orthogonal_maps():
                 m.weight.mul_(5.0)
                 m.bias.fill_(50.0)
     update_lipschitz(g, n_iterations=500)
-    norms = _jacobian_norms(g, torch.randn(4, 4, dtype=torch.float64))
+    norms = jacobian_norms(g, torch.randn(4, 4, dtype=torch.float64))
     assert max(norms) == pytest.approx(coeff ** 3, rel=1e-9)
     assert min(norms) == pytest.approx(coeff ** 3, rel=1e-9)
     assert g.lipschitz_bound() == pytest.approx(coeff ** 3, rel=1e-9)

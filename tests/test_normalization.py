@@ -10,20 +10,17 @@ import torch
 import torch.nn.functional as F
 
 from iresflow import registry
-from iresflow.models import ResidualFlow
 from iresflow.nn.activations import ELU, Identity
 from iresflow.nn.block import InvertibleResidualBlock
 from iresflow.nn.lipschitz import LIPSCHITZ_LAYERS, LipschitzConv2d, LipschitzLinear, update_lipschitz
-from iresflow.nn.logdet import ExactLogDet, PowerSeriesLogDet
+from iresflow.nn.logdet import PowerSeriesLogDet
 from iresflow.nn.normalization import (KernelNormalization, KernelNormConv2d, NoNormalization,
                                        OperatorNormalization, UnconstrainedConv2d, UnconstrainedLinear)
 from iresflow.nn.residual import ConvResidual, MLPResidual
 from iresflow.nn.solvers import FixedPointSolver
 from iresflow.registry import factory
+from helpers import jacobian_norms, spectral_norm
 
-
-def _spectral(j: torch.Tensor) -> float:
-    return torch.linalg.matrix_norm(j, ord=2).item()
 
 
 def _conv_operator_norm(layer, weight, size) -> float:
@@ -34,16 +31,8 @@ def _conv_operator_norm(layer, weight, size) -> float:
         return F.conv2d(x.view(1, c, *size), weight, None, layer.stride, layer.padding).flatten()
 
     zero = torch.zeros(c * size[0] * size[1], dtype=weight.dtype)
-    return _spectral(torch.autograd.functional.jacobian(op, zero, vectorize=True))
+    return spectral_norm(torch.autograd.functional.jacobian(op, zero, vectorize=True))
 
-
-def _jacobian_norms(g, x) -> list[float]:
-    g.eval()
-    out = []
-    for xi in x:
-        j = torch.autograd.functional.jacobian(lambda t: g(t.unsqueeze(0)).flatten(), xi, vectorize=True)
-        out.append(_spectral(j.reshape(j.shape[0], -1)))
-    return out
 
 
 def _linear_maps(module):
@@ -109,7 +98,7 @@ def test_operator_residual_jacobian_within_c_after_scaling_up():
                      coeff=coeff, normalization=factory("normalization", "operator")).double()
     _scale_weights(g, 10.0)
     update_lipschitz(g, n_iterations=1500)
-    norms = _jacobian_norms(g, torch.randn(4, 2, 5, 5, dtype=torch.float64))
+    norms = jacobian_norms(g, torch.randn(4, 2, 5, 5, dtype=torch.float64))
     assert max(norms) <= g.lipschitz_bound() * (1 + 1e-5) <= coeff ** 3 * (1 + 1e-5)
 
 
@@ -125,7 +114,7 @@ def test_kernel_normalisation_misses_c_on_a_padded_3x3_conv_and_reports_it(capsy
     update_lipschitz(layer, n_iterations=2000)
     weight = layer.normalized_weight().detach()
     # What it normalises: the reshaped kernel matrix, to exactly c ...
-    assert _spectral(weight.flatten(1)) == pytest.approx(coeff, rel=1e-6)
+    assert spectral_norm(weight.flatten(1)) == pytest.approx(coeff, rel=1e-6)
     # ... which is not the operator: the convolution's norm is far above c.
     operator = _conv_operator_norm(layer, weight, (8, 8))
     ratio = operator / coeff
@@ -153,7 +142,7 @@ def test_kernel_normalisation_on_random_weights_and_in_a_residual():
     assert [type(m) for m in _linear_maps(g)] == [KernelNormConv2d, LipschitzConv2d, KernelNormConv2d]
     _scale_weights(g, 10.0)
     update_lipschitz(g, n_iterations=1500)
-    norms = _jacobian_norms(g, torch.randn(4, 2, 6, 6, dtype=torch.float64))
+    norms = jacobian_norms(g, torch.randn(4, 2, 6, 6, dtype=torch.float64))
     # Honest: the reported bound (product of measured operator norms) covers the true Lipschitz constant.
     assert max(norms) <= g.lipschitz_bound() * (1 + 1e-4)
     assert g.lipschitz_bound() > coeff ** 3
@@ -164,7 +153,7 @@ def test_kernel_and_operator_agree_for_dense_layers():
     layer = KernelNormalization().linear(6, 5, coeff=0.8).double()
     _scale_weights(layer, 10.0)
     update_lipschitz(layer, n_iterations=500)
-    assert _spectral(layer.normalized_weight().detach()) == pytest.approx(0.8, rel=1e-6)
+    assert spectral_norm(layer.normalized_weight().detach()) == pytest.approx(0.8, rel=1e-6)
 
 
 def test_kernel_conv_state_round_trips():
@@ -199,11 +188,11 @@ def test_none_is_unconstrained_and_its_bound_says_so():
                     normalization=factory("normalization", "none")).double()
     _scale_weights(g, 5.0)
     update_lipschitz(g, n_iterations=500)
-    norms = _jacobian_norms(g, torch.randn(4, 4, dtype=torch.float64))
+    norms = jacobian_norms(g, torch.randn(4, 4, dtype=torch.float64))
     assert min(norms) > 1.0  # no constraint: Lip(g) > 1, far above coeff
     # Linear g: its Lipschitz constant is the norm of the product; the bound is the product of norms.
     assert max(norms) <= g.lipschitz_bound() * (1 + 1e-9)
-    product = math.prod(_spectral(m.weight.detach()) for m in _linear_maps(g))
+    product = math.prod(spectral_norm(m.weight.detach()) for m in _linear_maps(g))
     assert g.lipschitz_bound() == pytest.approx(product, rel=1e-9)
 
 
@@ -307,7 +296,7 @@ def test_frobenius_plugin_is_certified():
     norm = registry.build("normalization", "frobenius")
     g = MLPResidual(3, hidden=(16, 16), activation=ELU(), coeff=coeff, normalization=norm).double()
     _scale_weights(g, 10.0)
-    norms = _jacobian_norms(g, torch.randn(6, 3, dtype=torch.float64) * 2)
+    norms = jacobian_norms(g, torch.randn(6, 3, dtype=torch.float64) * 2)
     assert max(norms) <= g.lipschitz_bound() * (1 + 1e-9) <= coeff ** 3 * (1 + 1e-6)
 
     conv = norm.conv2d(3, 4, 3, padding=1, input_size=(8, 8), coeff=coeff).double()

@@ -4,7 +4,6 @@ import sys
 import textwrap
 
 import pytest
-from torch import nn
 
 from iresflow import registry
 from iresflow.registry import PluginImportError, RegistryError

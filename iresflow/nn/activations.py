@@ -294,16 +294,23 @@ def _inverse_softplus(y: float) -> float:
     return math.log(math.expm1(y))
 
 
-def _add_beta(module: nn.Module, beta: float, learnable: bool) -> None:
-    """``raw_beta`` with ``softplus(raw_beta) = beta``: a parameter, or a buffer when fixed (never a
-    parameter without a gradient: DDP)."""
-    if beta <= 0:
-        raise ValueError(f"LipSwish beta must be positive, got {beta}")
-    raw = torch.tensor(_inverse_softplus(beta))
-    if learnable:
-        module.raw_beta = nn.Parameter(raw)
-    else:
-        module.register_buffer("raw_beta", raw)
+class _LearnableBeta(nn.Module):
+    """The Swish slope of LipSwish and CLipSwish: ``beta = softplus(raw_beta) > 0``, a parameter, or
+    a buffer when fixed (never a parameter without a gradient: DDP)."""
+
+    def __init__(self, beta: float = 1.0, learnable: bool = True):
+        super().__init__()
+        if beta <= 0:
+            raise ValueError(f"LipSwish beta must be positive, got {beta}")
+        raw = torch.tensor(_inverse_softplus(beta))
+        if learnable:
+            self.raw_beta = nn.Parameter(raw)
+        else:
+            self.register_buffer("raw_beta", raw)
+
+    @property
+    def beta(self) -> Tensor:
+        return F.softplus(self.raw_beta)
 
 
 def _host(t: Tensor):
@@ -329,7 +336,7 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
 @register("activation", "lipswish",
           description="LipSwish x*sigmoid(beta x)/1.1, learnable beta > 0 (Residual Flows): 1-Lipschitz, "
                       "derivative not saturating at 1")
-class LipSwish(ElementwiseActivation):
+class LipSwish(_LearnableBeta, ElementwiseActivation):
     """``f = x s / K`` with ``s = sigmoid(beta x)``, ``K = 1.1``; with ``z = beta x``::
 
         f'  = s (1 + z (1 - s)) / K
@@ -340,14 +347,6 @@ class LipSwish(ElementwiseActivation):
     """
 
     parameter_gradients_use_curvature_term = True
-
-    def __init__(self, beta: float = 1.0, learnable: bool = True):
-        super().__init__()
-        _add_beta(self, beta, learnable)
-
-    @property
-    def beta(self) -> Tensor:
-        return F.softplus(self.raw_beta)
 
     def formula_parameters(self):
         return (self.beta,)
@@ -420,19 +419,11 @@ class LipSwish(ElementwiseActivation):
 
 @register("activation", "clipswish",
           description="CLipSwish [LipSwish(x), LipSwish(-x)]/1.004 (i-DenseNets): 1-Lipschitz, doubles the width")
-class CLipSwish(Activation):
+class CLipSwish(_LearnableBeta, Activation):
     """Concatenating ``f(x)`` and ``f(-x)`` keeps information a single swish squashes. Not
     elementwise (the Jacobian stacks two diagonals), so the estimators use autograd for it."""
 
     width_factor = 2
-
-    def __init__(self, beta: float = 1.0, learnable: bool = True):
-        super().__init__()
-        _add_beta(self, beta, learnable)
-
-    @property
-    def beta(self) -> Tensor:
-        return F.softplus(self.raw_beta)
 
     def forward(self, x: Tensor) -> Tensor:
         beta = self.beta
