@@ -53,7 +53,8 @@ __all__ = [
 ENTRY_POINT_GROUP = "iresflow.plugins"
 #: kinds whose components are parts of other components (a plugin may add its own kind here);
 #: ``model``, ``task`` and ``data`` are built by the run layer, never as parameters
-PART_KINDS = {"activation", "residual", "normalization", "solver", "estimator", "trace", "block", "optimizer"}
+PART_KINDS = {"activation", "residual", "normalization", "solver", "estimator", "trace", "block", "optimizer",
+              "prior"}
 PLUGIN_PATH_ENV = "IRESFLOW_PLUGINS"
 # The repository's own plugin folder (``<repo>/registry``), used when it exists.
 DEFAULT_PLUGIN_DIR = Path(__file__).resolve().parent.parent / "registry"

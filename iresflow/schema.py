@@ -68,7 +68,7 @@ KEY_TYPES: dict[str, Accepts] = {
     "model.residual": A("str", "dict", "null"),       # null: mlp for vectors, conv for images
     "model.fc_residual": A("str", "dict", "null"),    # null: an mlp of model.fc_hidden
     "model.fc_hidden": A("list"),
-    "model.prior": A(words=("standard", "learned")),
+    "model.prior": A("str", "dict", "null"),        # a prior: standard, learned, or a plugin's
     "model.padding_distribution": A(words=("uniform", "gaussian")),
     "model.logit_alpha": A("float", "null"),          # null: no logit transform
     "task.ema_decay": A("float", "null"),             # null: no EMA of the weights

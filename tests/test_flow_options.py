@@ -145,15 +145,47 @@ def test_learned_prior_is_a_diagonal_gaussian():
     assert ((samples.mean(0) - prior.mean.detach()).abs() < 5 * 0.5 * std / 200).all()
     torch.testing.assert_close(samples.std(0), 0.5 * std, rtol=0.03, atol=0)
 
-    flow = _flow((1, 4, 4), n_scales=2, prior="learned")
+    flow = _flow((1, 4, 4), n_scales=2, prior=factory("prior", "learned"))
     assert {n for n, _ in flow.named_parameters() if n.startswith("prior.")} == {"prior.mean", "prior.log_std"}
     assert flow.prior.num_dims == 16
     with torch.no_grad():
         flow.prior.mean.normal_()
         flow.prior.log_std.normal_(0, 0.3)
     _check_exact(flow, _image())
-    with pytest.raises(ValueError, match="standard, learned"):
-        _flow((2,), prior="laplace")
+    with pytest.raises(registry.RegistryError, match="learned"):  # lists the registered priors
+        factory("prior", "laplace")
+    with pytest.raises(TypeError, match="factory"):
+        _flow((2,), prior="learned")  # models take factories, never names
+    with pytest.raises(ValueError, match="latent 2"):
+        _flow((2,), prior=LearnedGaussianPrior(3))
+
+
+def test_a_plugin_prior_from_registry_gives_the_exact_log_likelihood():
+    """The example plugin ``registry/logistic_prior.py``: its density against torch.distributions
+    (a logistic is the logit of a uniform, scaled), its samples' quantiles, and a whole flow
+    built from a config line whose log p(x) is the brute-force one with this prior."""
+    from iresflow.run.build import build_components
+
+    prior = registry.build("prior", "logistic", num_dims=3, scale=2.0)
+    ref = torch.distributions.TransformedDistribution(
+        torch.distributions.Uniform(torch.zeros(3, dtype=DT), torch.ones(3, dtype=DT)),
+        [torch.distributions.SigmoidTransform().inv, torch.distributions.AffineTransform(0.0, 2.0)])
+    z = torch.randn(6, 3, dtype=DT) * 4
+    torch.testing.assert_close(prior.log_prob(z), ref.log_prob(z).sum(1), rtol=0, atol=1e-12)
+    samples = prior.double().sample(40000)
+    # the logistic's quartiles are +-scale * log 3
+    q = torch.quantile(samples[:, 0], torch.tensor([0.25, 0.75], dtype=DT))
+    torch.testing.assert_close(q, torch.tensor([-2 * math.log(3), 2 * math.log(3)], dtype=DT), rtol=0, atol=0.05)
+
+    cfg = load_config(["logger=none", "model.prior={name: logistic, scale: 0.5}", "model.n_blocks=2",
+                       "model.hidden=[8]", "model.estimator=exact"])
+    _, model, _ = build_components(cfg)
+    assert type(model.prior).__name__ == "LogisticPrior" and model.prior.scale == 0.5
+    model = model.double()
+    x = torch.randn(4, 2, dtype=DT)
+    _initialised(model, x)
+    torch.testing.assert_close(model.log_prob(x), _brute_force_log_prob(model, x), rtol=0, atol=1e-9)
+    assert model.sample(5).shape == (5, 2)
 
 
 @pytest.mark.parametrize("distribution", ["uniform", "gaussian"])
@@ -277,6 +309,7 @@ def test_the_options_are_config_keys_and_build(tmp_path):
 
 def test_every_new_component_is_registered_with_a_description():
     for kind, name in [("block", "residual"), ("block", "implicit"), ("solver", "broyden"),
+                       ("prior", "standard"), ("prior", "learned"),
                        ("residual", "dense_mlp"), ("residual", "dense_conv"), ("task", "hybrid")]:
         entry = registry.get(kind, name)
         assert entry.description and len(entry.description) > 20

@@ -19,7 +19,7 @@ options, each a config key (``configs/experiment/resflow_*.yaml`` set the papers
   (``fc_hidden`` widths, or any vector residual function as ``fc_residual``);
 - ``actnorm``: ``before`` / ``after`` each block / ``none`` (``true``: vectors after,
   images before, as before these options existed);
-- ``prior``: ``standard`` or ``learned`` (:mod:`iresflow.models.priors`);
+- ``prior``: kind ``prior``, ``standard`` or ``learned`` (:mod:`iresflow.models.priors`) or a plugin's;
 - ``padding`` channels of noise from ``padding_distribution`` (:mod:`iresflow.models.padding`;
   appended after the logit transform): ``log_prob`` is then ``log p(x, e) - log q(e)``, an
   unbiased estimate of a lower bound of ``log p(x)``;
@@ -120,7 +120,8 @@ class ResidualFlow(nn.Module):
         residual: the residual function's factory (``None``: ``mlp`` for vectors, ``conv`` for images).
         fc_end, n_fc_blocks, fc_hidden, fc_residual: images only; fully connected blocks at the end.
         squeeze_first, factor_out: images only; see the module notes.
-        prior: ``standard`` or ``learned``.
+        prior: the prior's factory (kind ``prior``: ``standard``, ``learned``, a plugin's); ``None``:
+            the standard normal.
         padding, padding_distribution: noise channels appended to the input (0: none).
     """
 
@@ -131,7 +132,7 @@ class ResidualFlow(nn.Module):
                  n_iterations: int = 1, preact: bool = True, normalization: Any = None,
                  compile: bool = False, block: Any = None, residual: Any = None, fc_end: bool = False,
                  n_fc_blocks: int = 4, fc_hidden: Sequence[int] = (128, 128), fc_residual: Any = None,
-                 squeeze_first: bool = False, factor_out: bool = True, prior: str = "standard",
+                 squeeze_first: bool = False, factor_out: bool = True, prior: Any = None,
                  padding: int = 0, padding_distribution: str = "uniform"):
         super().__init__()
         normalization = resolve_normalization(normalization, n_iterations=n_iterations)

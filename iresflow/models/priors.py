@@ -1,12 +1,16 @@
-"""The base distribution of a flow's latent ``z`` (the model option ``prior``).
+"""The base distribution of a flow's latent ``z``: the registered kind ``prior`` (the model option
+``prior``, a name or a ``{name: ..., ...}`` node).
 
 - ``standard``: ``N(z; 0, I)``.
 - ``learned``: i-ResNet's learned diagonal Gaussian ``N(z; mu, diag(exp(2 s)))`` with a mean
   and a log standard deviation per dimension of ``z`` -- so every factored-out piece and every
   position of every scale has its own -- both starting at zero (the standard normal).
 
-``log_prob(z)`` is per sample, summed over every dimension, in at least float32 (also under
-mixed precision); ``sample(n, temperature)`` draws ``mu + temperature * sigma * eps``.
+A prior is an ``nn.Module`` built with ``num_dims`` (the flow's latent size, every factored piece
+included, flattened) that has ``log_prob(z)`` -- per sample, summed over every dimension, in at least
+float32 (also under mixed precision) -- and ``sample(n, temperature)`` (``[n, num_dims]``; for the
+Gaussians ``mu + temperature * sigma * eps``). A plugin registers one under kind ``prior``
+(``registry/logistic_prior.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["PRIORS", "StandardNormalPrior", "LearnedGaussianPrior", "standard_normal_log_prob", "build_prior"]
+from iresflow.registry import Factory, register
+
+__all__ = ["StandardNormalPrior", "LearnedGaussianPrior", "standard_normal_log_prob", "build_prior"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -32,6 +38,7 @@ def _accumulate(z: torch.Tensor) -> torch.Tensor:
     return z.reshape(z.shape[0], -1).to(torch.promote_types(z.dtype, torch.float32))
 
 
+@register("prior", "standard", description="standard normal N(0, I) over the latent z (the default)")
 class StandardNormalPrior(nn.Module):
     """``N(0, I)`` over ``num_dims`` dimensions."""
 
@@ -48,6 +55,8 @@ class StandardNormalPrior(nn.Module):
         return torch.randn(n, self.num_dims, device=probe.device, dtype=probe.dtype) * temperature
 
 
+@register("prior", "learned", description="i-ResNet's learned diagonal Gaussian: a mean and a log-std per "
+                                          "dimension of z, both zero at the start")
 class LearnedGaussianPrior(nn.Module):
     """``N(z; mean, diag(exp(log_std)^2))`` with trainable ``mean`` and ``log_std`` (zeros at the start)."""
 
@@ -69,11 +78,21 @@ class LearnedGaussianPrior(nn.Module):
             return self.mean + temperature * torch.exp(self.log_std) * eps
 
 
-#: the values of the model option ``prior``
-PRIORS = {"standard": StandardNormalPrior, "learned": LearnedGaussianPrior}
-
-
-def build_prior(kind: str, num_dims: int) -> nn.Module:
-    if kind not in PRIORS:
-        raise ValueError(f"prior must be one of {', '.join(PRIORS)}, not {kind!r}")
-    return PRIORS[kind](num_dims)
+def build_prior(spec: Factory | nn.Module | None, num_dims: int) -> nn.Module:
+    """The flow's prior over ``num_dims`` latent dimensions: ``None`` is the standard normal, a
+    :class:`~iresflow.registry.Factory` (``registry.factory("prior", "learned")``) is built for
+    ``num_dims``, a built prior is used as it is (it must have ``num_dims`` dimensions)."""
+    if spec is None:
+        return StandardNormalPrior(num_dims)
+    if isinstance(spec, Factory):
+        prior = spec(num_dims=num_dims)
+    elif isinstance(spec, nn.Module):
+        prior = spec
+    else:
+        raise TypeError(f"prior must be a registry.factory('prior', ...) or a built prior module, got {spec!r}")
+    if getattr(prior, "num_dims", num_dims) != num_dims:
+        raise ValueError(f"the prior has {prior.num_dims} dimensions, the flow's latent {num_dims}")
+    for method in ("log_prob", "sample"):
+        if not callable(getattr(prior, method, None)):
+            raise TypeError(f"prior {type(prior).__name__} has no {method}() method")
+    return prior
