@@ -22,7 +22,7 @@ import yaml
 from iresflow.config import ConfigError, load_config
 from iresflow.run import RunFolderBusy, main, train
 from iresflow.run.lock import LOCK_NAME, RunLock
-from run_helpers import checkpoint_step, run, run_args, start, status, steps_done, wait_for, write_plugin
+from run_helpers import ROOT, checkpoint_step, env, run, run_args, start, status, steps_done, wait_for, write_plugin
 
 
 @pytest.fixture(scope="module")
@@ -208,14 +208,46 @@ def test_an_unwritable_output_dir_is_one_line(plugin_dir, tmp_path, capsys, wher
     if where == "under a file":
         (tmp_path / "file").write_text("")
         out = tmp_path / "file" / "run"
+        assert main(["train", *run_args(plugin_dir, out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
     else:
-        if os.geteuid() == 0:
-            pytest.skip("root writes into read-only folders")
-        (tmp_path / "ro").mkdir(mode=0o500)
-        out = tmp_path / "ro" / "run"
-    assert main(["train", *run_args(plugin_dir, out)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+        code, err = _train_in_a_read_only_folder(plugin_dir, tmp_path)
+        out = err.pop()
+        assert code == 2
     assert len(err) == 1 and f"output_dir {out} cannot be written" in err[0]
+
+
+def _train_in_a_read_only_folder(plugin_dir, tmp_path):
+    """``iresflow train`` as a real process whose ``output_dir`` lies in a folder it may not write.
+    An ordinary user gets a folder of mode 0o555. Root writes through modes (CI containers run as
+    root), so for root the folder is made read-only for everybody: a read-only bind mount in the
+    process's own mount namespace (``unshare -m``), else the immutable attribute (``chattr +i``).
+    Returns the exit code and the lines of stderr, followed by the ``output_dir``."""
+    import shutil
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    out = ro / "run"
+    cmd = [sys.executable, "-m", "iresflow", "train", *run_args(plugin_dir, out)]
+    immutable = False
+    if os.geteuid() != 0:
+        os.chmod(ro, 0o555)
+    elif shutil.which("unshare") and subprocess.run(
+            ["unshare", "-m", "sh", "-c", f"mount --bind -o ro '{ro}' '{ro}'"], capture_output=True).returncode == 0:
+        cmd = ["unshare", "-m", "sh", "-c", f"mount --bind -o ro '{ro}' '{ro}' && exec \"$@\"", "sh", *cmd]
+    elif shutil.which("chattr") and subprocess.run(["chattr", "+i", str(ro)], capture_output=True).returncode == 0:
+        immutable = True
+    else:
+        pytest.skip("running as root, and this machine offers no read-only folder to root: neither a "
+                    "read-only bind mount (unshare -m) nor the immutable attribute (chattr +i) is permitted")
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(ro)], check=True)
+        os.chmod(ro, 0o755)
+    assert not out.exists()
+    return proc.returncode, [*proc.stderr.strip().splitlines(), str(out)]
 
 
 def test_status_json_while_running_and_after(plugin_dir, tmp_path):
