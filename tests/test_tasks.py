@@ -361,3 +361,26 @@ def test_diagnostics_and_the_test_estimator_see_implicit_blocks():
         assert all(isinstance(e, ExactLogDet) for b in blocks for e in (b.estimator_x, b.estimator_z))
         assert blocks[0].estimator_x is not blocks[0].estimator_z
     assert [(b.estimator_x, b.estimator_z) for b in blocks] == before
+
+
+@pytest.mark.parametrize("kind", ["density", "classification"])
+def test_a_test_run_gives_the_random_generators_back(tmp_path, kind):
+    """``trainer.test`` draws (probes, roulette lengths, dequantisation noise), but the generators
+    after it are the ones before it (a test after training must not shift what a resumed run draws)."""
+    import random
+
+    import numpy as np
+
+    if kind == "density":
+        task, dm = DensityTask(StubFlow(), n_samples=16), _toy()
+    else:
+        model = IResNetClassifier(in_shape=(1, 4, 4), num_classes=3, stages=[(1, 4)], coeff=0.9)
+        task = ClassificationTask(model, num_classes=3, top_k=2)
+        dm = FakeDataModule(image_size=(1, 4, 4), num_classes=3, size=32, val_size=16, test_size=16,
+                            batch_size=16, task="classification")
+    torch.manual_seed(3)
+    before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    _trainer(tmp_path).test(task, datamodule=dm, verbose=False)
+    assert torch.equal(torch.get_rng_state(), before[0])
+    assert (np.random.get_state()[1] == before[1]).all() and random.getstate() == before[2]
+    assert task._training_random_state is None  # nothing stale for the next checkpoint

@@ -226,6 +226,7 @@ class DensityTask(IResTask):
 
     def on_test_end(self) -> None:
         self._restore_estimators()
+        super().on_test_end()  # the training's random generators back
 
     # ------------------------------------------------------------------ pictures
     def on_validation_epoch_end(self) -> None:
