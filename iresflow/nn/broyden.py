@@ -139,8 +139,9 @@ class BroydenSolver(_Solver):
         best, best_res = x.clone(), res.clone()  # the point with the smallest residual so far, per sample
         tiny = torch.finfo(x.dtype).tiny
         slot = 0
-        while it < self.max_iter and bool(best_res.isfinite().all()):
-            rows = (~(best_res <= bound)).nonzero().flatten()  # (a non-finite residual is not converged)
+        while it < self.max_iter:
+            # the samples still to solve; one whose residual is not finite stops (reported unconverged)
+            rows = (~(best_res <= bound) & best_res.isfinite()).nonzero().flatten()
             if rows.numel() == 0:
                 break
             it += 1
