@@ -145,9 +145,9 @@ def test_checkpoints_eval_and_sample_carry_the_average(tmp_path):
         assert {"state_dict", "current_model_state", "averaging_state"} <= set(state)
         params = [k for k in state["state_dict"] if k.endswith("weight") or k.endswith("bias")]
         assert max((state["state_dict"][k] - state["current_model_state"][k]).abs().max().item() for k in params) > 1e-4
-    from iresflow.run.evaluation import _restore
+    from iresflow.run.evaluation import restore_checkpoint
 
-    _, _, restored = _restore(str(out / "checkpoints" / "best.ckpt"), [])
+    _, _, restored = restore_checkpoint(str(out / "checkpoints" / "best.ckpt"), [])
     own = restored.state_dict()
     assert all(torch.equal(own[k], best["state_dict"][k]) for k in best["state_dict"] if "_metrics" not in k)
     # the run's own test (the average swapped in at the end of training) and `iresflow eval` of last.ckpt agree

@@ -18,7 +18,6 @@ import math
 import os
 import platform
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -209,10 +208,7 @@ class Context:
             self.say(f"{name}: done, skipped ({done})")
             return read_json(done) if done.suffix == ".json" else {}
         if run_dir is not None:
-            if (run_dir / "checkpoints" / "last.ckpt").is_file():
-                args.append("ckpt_path=last")  # cut off earlier: continue from its checkpoint
-            elif run_dir.exists():
-                shutil.rmtree(run_dir)  # an earlier attempt that left no checkpoint: start clean
+            args.append("ckpt_path=auto")  # cut off earlier: continue from its checkpoint, else start
         log_dir.mkdir(parents=True, exist_ok=True)
         cmd = [self.python, "-m", "iresflow", command, *args]
         log_file = log_dir / f"{log_name}.log"
@@ -276,20 +272,10 @@ class Context:
 
 
 def load_run(run_dir: Path):
-    """``(model, datamodule, config)`` of a finished run folder: the model built from its
-    ``config.yaml`` through the registry, with the weights of ``checkpoints/last.ckpt``, in eval mode."""
-    import torch
-    from omegaconf import OmegaConf
+    """``(model, datamodule, config)`` of a finished run folder: restored as ``iresflow eval``
+    restores a checkpoint (its config, the registry, the checks that the checkpoint fits), with the
+    weights of ``checkpoints/last.ckpt``, in eval mode."""
+    from iresflow.run.evaluation import restore_checkpoint
 
-    from iresflow import registry
-
-    cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
-    registry.discover(list(cfg.get("plugins") or []))
-    dm = registry.build_node("data", cfg["data"], task=cfg["task"]["name"])
-    defaults: dict[str, Any] = {"in_shape": tuple(dm.dims)}
-    if getattr(dm, "num_classes", None):
-        defaults["num_classes"] = dm.num_classes
-    model = registry.build_node("model", cfg["model"], **defaults)
-    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
-    model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
-    return model.eval(), dm, cfg
+    _, dm, task = restore_checkpoint(str(run_dir / "checkpoints" / "last.ckpt"), [])
+    return task.model.eval(), dm, task.run_config

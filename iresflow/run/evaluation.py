@@ -28,7 +28,9 @@ class EvalResult:
     path: Path
 
 
-def _restore(ckpt: str, overrides: Sequence[str]):
+def restore_checkpoint(ckpt: str, overrides: Sequence[str]):
+    """``(config, datamodule, task)`` of a checkpoint: its config (in the file, else its run
+    folder's ``config.yaml``) with ``overrides``, built through the registry, checked to fit."""
     from iresflow.run.build import build_components
 
     state = read_checkpoint(ckpt)
@@ -55,7 +57,7 @@ def evaluate(ckpt: str, overrides: Sequence[str] = (), out: str | None = None) -
 
     from iresflow.run.training import flat_metrics
 
-    cfg, dm, task = _restore(ckpt, overrides)
+    cfg, dm, task = restore_checkpoint(ckpt, overrides)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     tk: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer = pl.Trainer(accelerator=tk.get("accelerator", "auto"), devices=1, logger=False,
@@ -84,7 +86,7 @@ def sample(ckpt: str, n: int = 64, overrides: Sequence[str] = (), out: str | Non
 
     from iresflow import plotting
 
-    cfg, dm, task = _restore(ckpt, overrides)
+    cfg, dm, task = restore_checkpoint(ckpt, overrides)
     if not hasattr(task, "sample"):
         raise ConfigError(f"task {cfg.task.name!r} cannot sample; sampling needs a density model")
     torch.manual_seed(int(cfg.seed if seed is None else seed))
