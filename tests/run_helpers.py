@@ -4,7 +4,8 @@ The model is the toy ``iresnet_flow`` itself (2 blocks of a 2-8-2 MLP, the Russi
 log-det with Hutchinson probes, so resuming must bring the random generators back), made
 a little slower per training step (``delay``) so that a signal lands in the middle of
 training, counting its training steps in a file (``steps_file``: what a killed process had
-done), and, when asked, diverging (``nan_from``) or failing its evaluation (``nan_in_eval``).
+done), and, when asked, diverging (``nan_from``), failing its evaluation (``nan_in_eval``) or taking
+``build_delay`` seconds to build (after creating ``build_file``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ SLOW_FLOW_PLUGIN = textwrap.dedent('''
         """``nan_from``: training losses are NaN from that step on; ``nan_in_eval``: evaluation's are."""
 
         def __init__(self, in_shape=(2,), delay=0.0, steps_file=None, nan_from=None, nan_in_eval=False,
-                     num_classes=None, **params):
+                     num_classes=None, build_file=None, build_delay=0.0, **params):
+            if build_file:  # a slow build, announced: a signal can land while the run is being built
+                open(build_file, "w").close()
+                time.sleep(build_delay)
             super().__init__(in_shape=in_shape, **params)
             self.delay, self.steps_file = float(delay), steps_file
             self.nan_from, self.nan_in_eval, self.steps = nan_from, nan_in_eval, 0

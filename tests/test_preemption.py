@@ -87,6 +87,25 @@ def test_sigterm_mid_epoch_checkpoints_exits_75_and_resumes_bit_for_bit(plugin_d
 
 
 @pytest.mark.slow
+def test_sigterm_while_the_run_is_built_exits_75_and_leaves_nothing_behind(plugin_dir, tmp_path):
+    """Preempted before training (data and model being built): exit 75 with the command that starts
+    it again, one line, no folder (this start made it) and no stale lock; the printed command runs."""
+    out, built, log = tmp_path / "run", tmp_path / "building", tmp_path / "first.log"
+    args = run_args(plugin_dir, out, f"+model.build_file={built}", "+model.build_delay=30", steps=3)
+    proc = start(args, log)
+    wait_for(lambda: built.exists() or proc.poll() is not None, what="the model's build")
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=60) == 75, log.read_text()[-3000:]
+    last = log.read_text().strip().splitlines()[-1]
+    assert "preempted by SIGTERM; no checkpoint yet (training had not started)" in last and "resume with:" in last
+    assert not out.exists()
+    resume = shlex.split(last.split("resume with: ", 1)[1])
+    assert resume[-1] == "ckpt_path=auto"
+    done = run([a for a in resume[2:] if "build_delay" not in a and "build_file" not in a])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert status(out)["status"] == "finished"
+
+
 def test_sigterm_during_a_validation_resumes_bit_for_bit(plugin_dir, tmp_path):
     """The stop can land in a validation (here one of 800 batches, after step 20): the checkpoint
     holds the training's random stream, not the validation's, and the run still ends exactly."""

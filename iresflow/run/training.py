@@ -152,8 +152,16 @@ class _Run:
 
     # ------------------------------------------------------------------ rank 0
     def run(self) -> TrainResult:
+        from iresflow.run.signals import StopSignals
+
         try:
-            checked = self._check()
+            # a signal while the run is checked and built (data, model, checkpoint): a start that
+            # stopped before training (exit 75 with the command that starts it again), not a kill
+            with StopSignals(self.folder.last_checkpoint):
+                checked = self._check()
+        except Stopped as stop:
+            self.folder.remove_if_created()
+            raise Stopped(stop.signum, resume=self.resume) from None
         except BaseException:
             self.folder.remove_if_created()  # a folder this start made goes with it; another is untouched
             raise
