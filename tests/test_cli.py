@@ -253,3 +253,11 @@ def test_default_run_as_users_type_it(tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["test/nll"] < 3.5  # 8 Gaussians: a standard normal fit scores ~4.3 nats
     assert (tmp_path / "run" / "density.png").is_file()
+
+
+@pytest.mark.parametrize("argv", [["train", "a=1", "--debug", "b=2"], ["eval", "a=1", "--ckpt", "x.ckpt", "b=2"],
+                                  ["sample", "a=1", "-n", "4", "b=2"], ["config", "show", "a=1", "b=2"]])
+def test_key_values_after_an_option_are_overrides_too(argv):
+    from iresflow.run.commands import parser
+
+    assert parser().parse_args(argv).overrides == ["a=1", "b=2"]

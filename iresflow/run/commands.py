@@ -16,6 +16,7 @@ import sys
 import traceback
 from typing import Sequence
 
+from iresflow.cliargs import collect_overrides
 from iresflow.config import ConfigError, load_config, parse_value, to_yaml
 from iresflow.run.errors import EXIT_FAILED, EXIT_OK, RunFailed, Stopped, exit_code_of
 from iresflow.run.paths import rank
@@ -50,6 +51,7 @@ def parser() -> argparse.ArgumentParser:
                                    + EXIT_CODES_HELP)
     t.add_argument("overrides", nargs="*", help="group=name, a.b=value or +a.b=value")
     t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="print tracebacks")
+    collect_overrides(t)  # `train a=1 --debug b=2`: b=2 is an override too
 
     e = sub.add_parser("eval", help="test metrics of a checkpoint to JSON", formatter_class=FMT,
                        description="Evaluate a checkpoint on the test set (bits/dim with the evaluation "
@@ -59,6 +61,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--ckpt", help="checkpoint file (same as ckpt=PATH)")
     e.add_argument("--out", help="JSON file to write (default <run>/eval_<ckpt>.json)")
     e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="print tracebacks")
+    collect_overrides(e)
 
     s = sub.add_parser("sample", help="draw samples through the inverse (PNG)", formatter_class=FMT,
                        description="Sample from a density checkpoint: a PNG grid (images) or a scatter (2D)."
@@ -69,6 +72,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("-n", default=None, help="number of samples (same as n=N)")
     s.add_argument("--out")
     s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="print tracebacks")
+    collect_overrides(s)
 
     r = sub.add_parser("registry", help="the registered components", formatter_class=FMT,
                        description="registry list [KIND]: every registered component with its description "
@@ -85,6 +89,7 @@ def parser() -> argparse.ArgumentParser:
     c_sub.required = True
     cs = c_sub.add_parser("show", help="print the resolved config")
     cs.add_argument("overrides", nargs="*")
+    collect_overrides(cs)
 
     from iresflow import sweep as _sweep
 
