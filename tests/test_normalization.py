@@ -168,6 +168,26 @@ def test_kernel_conv_state_round_trips():
 # --------------------------------------------------------------------------- none (vanilla)
 
 
+def test_a_training_forward_iterates_only_the_vectors_that_normalise():
+    """operator: its vectors (they divide the weight); kernel: the kernel-matrix vectors, not the
+    report-only operator vectors; none: nothing (the raw weight). update_lipschitz iterates them all."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 2, 5, 5)
+    layers = {"operator": LipschitzConv2d(2, 3, 3, padding=1, input_size=(5, 5), coeff=0.9),
+              "kernel": KernelNormConv2d(2, 3, 3, padding=1, input_size=(5, 5), coeff=0.9),
+              "none": UnconstrainedConv2d(2, 3, 3, padding=1, input_size=(5, 5))}
+    for name, layer in layers.items():
+        layer.train()
+        op = layer.u.clone()
+        kern = layer.kernel_u.clone() if name == "kernel" else None
+        layer(x).sum().backward()
+        assert torch.equal(layer.u, op) == (name != "operator"), name
+        if kern is not None:
+            assert not torch.equal(layer.kernel_u, kern)
+        update_lipschitz(layer, n_iterations=1)
+        assert not torch.equal(layer.u, op), name
+
+
 def test_none_keeps_the_architecture_and_the_parameter_count():
     for make in (lambda n: MLPResidual(4, hidden=(16, 16), normalization=n),
                  lambda n: ConvResidual(2, input_size=(6, 6), hidden_channels=8, normalization=n)):

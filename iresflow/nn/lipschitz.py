@@ -247,7 +247,11 @@ class _SpectralNorm:
 
     def _maybe_iterate(self) -> None:
         if self.training and self.n_iterations > 0 and torch.is_grad_enabled() and not _PAUSED.get():
-            self.power_iteration(self.n_iterations, tol=self.tol)
+            self._iterate_in_forward()
+
+    def _iterate_in_forward(self) -> None:
+        """The training forward's power iterations: the vectors the normalisation divides by."""
+        self.power_iteration(self.n_iterations, tol=self.tol)
 
     def weight_for(self, x: torch.Tensor) -> torch.Tensor:
         """The weight that ``forward(x)`` applies: runs the training-time power

@@ -99,8 +99,9 @@ class OperatorNormalization(Normalization):
 class UnconstrainedLinear(LipschitzLinear):
     """``nn.Linear`` applying its raw weight; ``lipschitz_constant()`` is its exact matrix norm.
 
-    The power-iteration buffers are kept (and iterated like the normalised
-    layers'), so checkpoints and parameter counts match :class:`LipschitzLinear`.
+    The power-iteration buffers are kept, so checkpoints and parameter counts match
+    :class:`LipschitzLinear`. They only report, so a training forward leaves them alone:
+    ``update_lipschitz`` (after every optimiser step, and before evaluations) keeps them current.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, **settings: Any):
@@ -108,6 +109,9 @@ class UnconstrainedLinear(LipschitzLinear):
 
     def normalized_weight(self) -> torch.Tensor:
         return self.weight
+
+    def _iterate_in_forward(self) -> None:
+        pass  # the raw weight is applied: nothing to normalise by
 
 
 class UnconstrainedConv2d(LipschitzConv2d):
@@ -121,6 +125,9 @@ class UnconstrainedConv2d(LipschitzConv2d):
 
     def normalized_weight(self) -> torch.Tensor:
         return self.weight
+
+    def _iterate_in_forward(self) -> None:
+        pass  # the raw weight is applied; the report-only vectors follow update_lipschitz
 
     def lipschitz_constant(self) -> float:
         if not self.is_matrix and self.input_size is None:
@@ -205,6 +212,10 @@ class KernelNormConv2d(LipschitzConv2d):
         if not self.is_matrix and self.input_size is None:
             return count  # the operator vectors are made at the first forward
         return max(count, super().power_iteration(n_iterations, tol))
+
+    def _iterate_in_forward(self) -> None:
+        # the kernel vectors normalise; the operator vectors only report (update_lipschitz keeps them)
+        self._iterate_kernel(self.n_iterations, self.tol)
 
     def kernel_norm(self, weight: torch.Tensor) -> torch.Tensor:
         """``<kernel_u, K kernel_v>``: the estimate of ``sigma(K)``, differentiable in the weight."""
