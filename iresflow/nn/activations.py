@@ -205,7 +205,7 @@ class _ValueAndSlope(torch.autograd.Function):
         act = ctx.act
         if torch.is_grad_enabled():  # differentiable: the slope as a function of x and theta
             d = act.df(x, *theta)
-        grad_x = None
+        grad_x = term = None
         if grad_y is not None:
             grad_x = grad_y if d is None else grad_y * d
         if grad_d is not None:
@@ -213,8 +213,9 @@ class _ValueAndSlope(torch.autograd.Function):
             if curvature is not None:
                 term = grad_d * curvature
                 grad_x = term if grad_x is None else grad_x + term
-        grad_theta = (act.parameter_gradients(x, tuple(theta), grad_y, grad_d) if any(ctx.needs_input_grad[2:])
-                      else tuple(None for _ in theta))
+        # (the curvature term is handed on: a closed form of the parameter gradients needs it too)
+        grad_theta = (act.parameter_gradients(x, tuple(theta), grad_y, grad_d, curvature_term=term)
+                      if any(ctx.needs_input_grad[2:]) else tuple(None for _ in theta))
         return (None, grad_x, *grad_theta)
 
 
