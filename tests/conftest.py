@@ -19,3 +19,11 @@ torch.set_num_threads(int(os.environ.get("IRESFLOW_TEST_THREADS", "1")))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def plugin_dir(tmp_path_factory):
+    """The plugin folder of the fault tests' slow toy flow (``run_helpers``)."""
+    from run_helpers import write_plugin
+
+    return write_plugin(tmp_path_factory)

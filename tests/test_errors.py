@@ -17,12 +17,7 @@ import pytest
 
 from iresflow.config import load_config
 from iresflow.run import main, train
-from run_helpers import ROOT, env, run_args, status, write_plugin
-
-
-@pytest.fixture(scope="module")
-def plugin_dir(tmp_path_factory):
-    return write_plugin(tmp_path_factory)
+from run_helpers import ROOT, env, run_args, status
 
 
 @pytest.fixture(scope="module")

@@ -30,15 +30,10 @@ import pytest
 from iresflow.config import load_config
 from iresflow.run import train
 from run_helpers import (ROOT, checkpoint_step, env, max_difference, run, run_args, start, status,
-                         steps_done, wait_for, write_plugin)
+                         steps_done, wait_for)
 
 STEPS = 30          # 1.5 epochs of 20 batches
 DELAY = 0.08        # seconds per training step in the interrupted runs
-
-
-@pytest.fixture(scope="module")
-def plugin_dir(tmp_path_factory):
-    return write_plugin(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,7 @@ import yaml
 from iresflow.config import ConfigError, load_config
 from iresflow.run import RunFolderBusy, main, train
 from iresflow.run.lock import LOCK_NAME, RunLock
-from run_helpers import ROOT, checkpoint_step, env, run, run_args, start, status, steps_done, wait_for, write_plugin
-
-
-@pytest.fixture(scope="module")
-def plugin_dir(tmp_path_factory):
-    return write_plugin(tmp_path_factory)
+from run_helpers import ROOT, checkpoint_step, env, run, run_args, start, status, steps_done, wait_for
 
 
 def _snapshot(folder):

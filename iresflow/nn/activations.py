@@ -154,8 +154,6 @@ class ElementwiseActivation(Activation):
         return 1.0 if slope is None else float(slope.abs().max())
 
 
-# The hooks that may run compiled: pure tensor functions without a graph.
-COMPILABLE_HOOKS = ("value", "value_and_slope", "value_slope_curvature", "vjp")
 _COMPILED: dict[tuple[type, str], object] = {}
 
 

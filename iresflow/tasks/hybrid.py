@@ -49,7 +49,6 @@ class HybridTask(DensityTask):
       label_smoothing; top_k: also report top-k accuracy (when there are more than k classes).
     """
 
-    monitor = "val/loss"
     monitor_mode = "min"
 
     def __init__(self, model: nn.Module, *, num_classes: int = 10, density_weight: float = 1.0,
