@@ -221,9 +221,14 @@ def test_isolated_bad_batches_are_skipped_counted_and_logged(tmp_path):
     """One NaN batch in two never makes two in a row: the run goes on, and the count is logged."""
     task = DensityTask(EveryOtherNaN(), dims=(2,), on_nonfinite="skip", max_consecutive_skips=2,
                        picture_every_n_val=0)
+    upkeep = []
+    real_update = task.update_lipschitz
+    task.update_lipschitz = lambda n: (upkeep.append(n), real_update(n))
     trainer = _trainer(tmp_path, steps=6, limit_val_batches=0, log_every_n_steps=1)
     trainer.fit(task, datamodule=_toy())
     assert task.skipped_batches == 3 == float(trainer.callback_metrics["train/skipped_batches"])
+    # a skipped batch moves no weight: no power iteration after its step (3 good steps of 6)
+    assert upkeep.count(task.lipschitz_iterations) == 3
 
 
 def test_lipschitz_upkeep_comes_before_any_checkpoint_of_the_step(tmp_path, monkeypatch):

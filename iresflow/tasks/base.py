@@ -232,7 +232,11 @@ class IResTask(LightningModule):
         return [self._ema_callback]
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
+        skipped_before = self.skipped_batches
+        super().optimizer_step(*args, **kwargs)  # (runs training_step: the closure)
+        trainer = self._trainer
+        if self.skipped_batches > skipped_before and (trainer is None or trainer.accumulate_grad_batches == 1):
+            return  # its batch was skipped: no gradient, the weights did not move, nothing to keep up
         # Right after the step (before any callback may checkpoint): keep u, v of the normalised
         # layers converged to the new weights. Every rank runs the same iterations on the same
         # (all-reduced) weights, so the vectors stay identical across ranks.
