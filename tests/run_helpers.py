@@ -5,7 +5,8 @@ log-det with Hutchinson probes, so resuming must bring the random generators bac
 a little slower per training step (``delay``) so that a signal lands in the middle of
 training, counting its training steps in a file (``steps_file``: what a killed process had
 done), and, when asked, diverging (``nan_from``), failing its evaluation (``nan_in_eval``) or taking
-``build_delay`` seconds to build (after creating ``build_file``).
+``build_delay`` seconds to build (after creating ``build_file``), or ``val_delay`` seconds per
+evaluation batch (counted in ``val_file``).
 """
 
 from __future__ import annotations
@@ -34,12 +35,14 @@ SLOW_FLOW_PLUGIN = textwrap.dedent('''
         """``nan_from``: training losses are NaN from that step on; ``nan_in_eval``: evaluation's are."""
 
         def __init__(self, in_shape=(2,), delay=0.0, steps_file=None, nan_from=None, nan_in_eval=False,
-                     num_classes=None, build_file=None, build_delay=0.0, **params):
+                     num_classes=None, build_file=None, build_delay=0.0, val_file=None, val_delay=0.0,
+                     **params):
             if build_file:  # a slow build, announced: a signal can land while the run is being built
                 open(build_file, "w").close()
                 time.sleep(build_delay)
             super().__init__(in_shape=in_shape, **params)
             self.delay, self.steps_file = float(delay), steps_file
+            self.val_file, self.val_delay = val_file, float(val_delay)
             self.nan_from, self.nan_in_eval, self.steps = nan_from, nan_in_eval, 0
 
         def log_prob(self, x):
@@ -52,8 +55,13 @@ SLOW_FLOW_PLUGIN = textwrap.dedent('''
                         f.write(".")
                 if self.nan_from is not None and self.steps > self.nan_from:
                     return logp * float("nan")
-            elif self.nan_in_eval:
-                return logp * float("nan")
+            else:
+                time.sleep(self.val_delay)
+                if self.val_file:
+                    with open(self.val_file, "a") as f:
+                        f.write(".")
+                if self.nan_in_eval:
+                    return logp * float("nan")
             return logp
 ''')
 

@@ -104,16 +104,16 @@ def test_sigterm_while_the_run_is_built_exits_75_and_leaves_nothing_behind(plugi
 def test_sigterm_during_a_validation_resumes_bit_for_bit(plugin_dir, tmp_path):
     """The stop can land in a validation (here one of 800 batches, after step 20): the checkpoint
     holds the training's random stream, not the validation's, and the run still ends exactly."""
-    import time
 
     import torch
 
     long_validation = "data.val_size=20000"
-    out, steps_file = tmp_path / "run", tmp_path / "steps.txt"
-    args = run_args(plugin_dir, out, long_validation, steps=STEPS, delay=0.02, steps_file=steps_file)
+    out, steps_file, val_file = tmp_path / "run", tmp_path / "steps.txt", tmp_path / "val.txt"
+    args = run_args(plugin_dir, out, long_validation, f"+model.val_file={val_file}", "+model.val_delay=0.01",
+                    steps=STEPS, delay=0.02, steps_file=steps_file)
     proc = start(args, tmp_path / "log.txt")
-    wait_for(lambda: steps_done(steps_file) >= 20, what="the first epoch")
-    time.sleep(1.0)
+    # the validation after step 20 has begun (800 batches of 10 ms or more: it is still running)
+    wait_for(lambda: steps_done(steps_file) >= 20 and steps_done(val_file) >= 5, what="the first validation")
     os.kill(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=120) == 75
     state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
