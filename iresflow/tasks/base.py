@@ -7,14 +7,16 @@ optimiser step, so the stored singular vectors keep up with the weights (and a
 checkpoint written after the step holds vectors and weights that belong together).
 One of each is the default: with the forward's iteration alone the estimate lagged
 behind Adam at lr 3e-3 (the toy default's certified bound reached 0.98 for
-c = 0.97; with both it stays at 0.93, c^3 = 0.913 plus the lag). Before
-validation, testing and sampling ``lipschitz_eval_iterations`` more converge
-the vectors (evaluation mode uses the stored vectors without iterating).
+c = 0.97; with both it stays at 0.93, c^3 = 0.913 plus the lag).
 
-Evaluation leaves the training's random stream where it was: validation and test
-draw their own numbers (estimator probes, samples for the pictures) and torch's,
-numpy's and Python's generators are put back afterwards, so how often a run
-validates (or whether a resumed run validates again) never changes its training.
+Evaluation never changes training. Validation, test and the final pictures set the
+training's power-iteration state (every normalised layer's buffers) and random
+generators (torch's, numpy's, Python's) aside, converge the vectors with
+``lipschitz_eval_iterations`` more iterations for themselves (evaluation mode uses the
+stored vectors without iterating), draw their own numbers (estimator probes, samples
+for the pictures), and put the training's state back bit for bit afterwards. So how
+often a run validates, or whether a resumed run validates again, never changes its
+training.
 
 Data parallel (DDP) rules the tasks keep: every rank runs the same power
 iterations at the same points (never only rank 0), so the ``u``/``v`` buffers
@@ -26,12 +28,13 @@ estimators' random draws differ between ranks (:meth:`IResTask.on_fit_start`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
 import random
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -46,6 +49,8 @@ __all__ = [
     "SCHEDULERS",
     "random_state",
     "set_random_state",
+    "lipschitz_state",
+    "restore_lipschitz_state",
 ]
 
 SCHEDULERS = ("none", "multistep", "cosine")
@@ -111,6 +116,28 @@ class LRSchedule:
 
 def _lipschitz_layers(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if hasattr(m, "power_iteration")]
+
+
+def lipschitz_state(module: nn.Module) -> list[tuple[nn.Module, dict[str, torch.Tensor | None], Any]]:
+    """A copy of every spectrally normalised layer's power-iteration state: its buffers (``u``,
+    ``v``, ``sigma``, ...) and the input size a convolution learns at its first forward."""
+    return [(m, {k: None if b is None else b.detach().clone() for k, b in m._buffers.items()},
+             getattr(m, "input_size", None)) for m in _lipschitz_layers(module)]
+
+
+def restore_lipschitz_state(state: list[tuple[nn.Module, dict[str, torch.Tensor | None], Any]]) -> None:
+    """Put back what :func:`lipschitz_state` copied, bit for bit (in place where the shapes agree,
+    so the tensors DDP broadcasts and ``state_dict`` holds stay the same objects)."""
+    for layer, buffers, input_size in state:
+        for name, saved in buffers.items():
+            current = layer._buffers.get(name)
+            if saved is not None and current is not None and current.shape == saved.shape:
+                with torch.no_grad():
+                    current.copy_(saved)
+            else:
+                layer._buffers[name] = saved
+        if hasattr(layer, "input_size"):
+            layer.input_size = input_size
 
 
 def _constrained(block: nn.Module) -> bool:
@@ -194,6 +221,7 @@ class IResTask(LightningModule):
         self.skipped_batches = 0
         self.consecutive_skips = 0
         self._training_random_state: dict[str, Any] | None = None
+        self._training_lipschitz_state: list[Any] | None = None
 
     # ------------------------------------------------------------------ optimisation
     def _steps_per_epoch(self) -> int:
@@ -280,21 +308,46 @@ class IResTask(LightningModule):
         """The training's random generators: as they were before the current evaluation, if any."""
         return self._training_random_state or random_state()
 
-    def on_validation_start(self) -> None:
+    def begin_evaluation(self) -> None:
+        """Set the training's state aside, then converge the vectors for the evaluation.
+
+        The evaluation works on its own copy of the power-iteration state and draws its own random
+        numbers; :meth:`end_evaluation` puts the training's back bit for bit. So neither how often
+        a run validates nor a resume that skips a validation changes the training.
+        """
         self._training_random_state = random_state()
+        self._training_lipschitz_state = lipschitz_state(self)
         self.update_lipschitz(self.lipschitz_eval_iterations)
 
-    def on_validation_end(self) -> None:
+    def end_evaluation(self) -> None:
+        """Put back what :meth:`begin_evaluation` set aside (nothing when it was not called)."""
+        if self._training_lipschitz_state is not None:
+            restore_lipschitz_state(self._training_lipschitz_state)
+            self._training_lipschitz_state = None
         if self._training_random_state is not None:
             set_random_state(self._training_random_state)
             self._training_random_state = None
 
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """:meth:`begin_evaluation` ... :meth:`end_evaluation` around a block (e.g. final pictures)."""
+        self.begin_evaluation()
+        try:
+            yield
+        finally:
+            self.end_evaluation()
+
+    def on_validation_start(self) -> None:
+        self.begin_evaluation()
+
+    def on_validation_end(self) -> None:
+        self.end_evaluation()
+
     def on_test_start(self) -> None:
-        self._training_random_state = random_state()
-        self.update_lipschitz(self.lipschitz_eval_iterations)
+        self.begin_evaluation()
 
     def on_test_end(self) -> None:
-        self.on_validation_end()
+        self.end_evaluation()
 
     # ------------------------------------------------------------------ non-finite losses
     def last_good_checkpoint(self) -> str | None:

@@ -237,15 +237,17 @@ class DensityTask(IResTask):
             self.make_pictures(tag=f"step{self.global_step:07d}", folder=self.output_dir / "pictures")
 
     def on_fit_end(self) -> None:
-        # Every rank converges its vectors (so they stay identical across ranks); only rank 0 draws.
-        self.update_lipschitz(self.lipschitz_eval_iterations)
-        if self.trainer.is_global_zero:
-            was_training = self.training
-            self.eval()
-            try:
-                self.make_pictures(tag="final", folder=self.output_dir)
-            finally:
-                self.train(was_training)
+        # The final pictures are an evaluation: converged copies of the vectors and their own random
+        # numbers, so the final checkpoint (written after this) still resumes a longer run exactly.
+        # Every rank converges (the vectors stay identical across ranks); only rank 0 draws.
+        with self.evaluating():
+            if self.trainer.is_global_zero:
+                was_training = self.training
+                self.eval()
+                try:
+                    self.make_pictures(tag="final", folder=self.output_dir)
+                finally:
+                    self.train(was_training)
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0) -> torch.Tensor:

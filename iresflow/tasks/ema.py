@@ -57,6 +57,15 @@ class LipschitzEMA(EMAWeightAveraging):
         self._swapped = False  # the average is in the model (during a validation)
 
     def _converge(self, pl_module: Any) -> None:
+        """Converge the vectors of the average just swapped in, starting from the training's own
+        (which the swap moved into the average module): where they start then depends on the
+        training alone, not on what an earlier validation left in the average module."""
+        from iresflow.tasks.base import lipschitz_state, restore_lipschitz_state
+
+        if self._average_model is not None:
+            training = lipschitz_state(self._average_model.module)
+            layers = [layer for layer, _, _ in lipschitz_state(pl_module)]
+            restore_lipschitz_state([(mine, buffers, size) for mine, (_, buffers, size) in zip(layers, training)])
         update = getattr(pl_module, "update_lipschitz", None)
         if update is not None:
             update(int(getattr(pl_module, "lipschitz_eval_iterations", 10)))
