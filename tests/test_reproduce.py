@@ -116,6 +116,21 @@ def test_toy_densities_of_both_models(tmp_path):
     assert row["density"] == "8gaussians" and _finite(row["iresnet_nll"], row["glow_nll"])
     sizes = result["extra"]["parameters"]
     assert abs(sizes["glow"] / sizes["iresnet"] - 1) < 0.05  # compared at (nearly) equal size
+    _check_equal_compute(row, ["iresnet", "glow"], 30)
+    assert any("CPU-core hours" in n for n in result["notes"])
+
+
+def _check_equal_compute(row, models, steps):
+    """The costliest model (training CPU seconds) keeps its steps; the others train longer, in
+    proportion to their measured cost per step."""
+    costs = {m: row[f"{m}_cpu_s"] for m in models}
+    assert all(c > 0 for c in costs.values())
+    costliest = max(costs, key=costs.get)
+    for m in models:
+        ratio = costs[costliest] / costs[m]
+        expected = steps if ratio <= 1.05 else round(steps * ratio)
+        assert row[f"{m}_steps_equal"] == expected, (m, costs)
+        assert _finite(row[f"{m}_nll_equal"])
 
 
 @pytest.mark.slow
@@ -138,3 +153,10 @@ def test_density_bits_per_dim(tmp_path):
     for r in rows.values():
         assert _finite(r["test_bpd"]) and 0 < r["test_bpd"] < 8 and r["scored_with"] == "exact"
     assert rows["i-ResNet"]["paper_mnist"] == 1.06 and rows["Residual Flow"]["paper_cifar10"] == 3.28
+    costs = {name: r["cpu_s"] for name, r in rows.items()}
+    costliest = max(costs, key=costs.get)
+    for name, r in rows.items():  # the costliest keeps its steps, the others train for its CPU seconds
+        ratio = costs[costliest] / costs[name]
+        assert r["steps_equal"] == (r["steps"] if ratio <= 1.05 else round(r["steps"] * ratio))
+        assert _finite(r["bpd_equal"])
+    assert any("CPU-core hours" in n for n in result["notes"])

@@ -189,6 +189,18 @@ class Context:
         return self._process(name, "train", [*args, f"output_dir={run_dir}"], run_dir / "metrics.json", run_dir,
                              skip_if_done=True)
 
+    def train_equal_compute(self, run: str, metrics: dict[str, float], budget_cpu_s: float, *, name: str,
+                            extra: Sequence[str] = ()) -> tuple[dict[str, float], int]:
+        """The run ``run`` again, for as many steps as fit the training CPU seconds ``budget_cpu_s``
+        (``metrics``: its run at the scale's steps, which measured its CPU seconds per step); the
+        run that already spent the budget is its own equal-compute run. Returns (metrics, steps)."""
+        steps = int(metrics["trainer/global_step"])
+        spent = float(metrics.get("time/train_cpu_seconds") or 0.0)
+        if spent <= 0 or budget_cpu_s <= spent * 1.05:  # (within 5%: the same compute)
+            return metrics, steps
+        more = int(round(steps * budget_cpu_s / spent))
+        return self.train(run, name=f"{name}-equal-compute", extra=[*extra, f"trainer.max_steps={more}"]), more
+
     def sweep(self, name: str, spec: Path, overrides: Sequence[str]) -> Path:
         """Run the sweep ``spec`` through ``python -m iresflow sweep`` into its folder. It always
         starts: the sweep itself skips its finished runs and resumes cut-off ones."""

@@ -247,6 +247,7 @@ class _Prepared:
 
         from iresflow.run.build import build_components, build_logger, set_threads, trainer_kwargs
         from iresflow.run.checkpointing import AtomicCheckpointIO, RandomStates, best_checkpoint, periodic_checkpoint
+        from iresflow.run.clock import TrainingClock
         from iresflow.run.resume import check_checkpoint_fits, read_checkpoint
         from iresflow.run.signals import StopSignals
 
@@ -264,7 +265,9 @@ class _Prepared:
         slurm = SLURMEnvironment.detect()
         self.stop = StopSignals(folder.last_checkpoint, requeue=bool(cfg.get("requeue", False)) and slurm)
         every = cfg.get("checkpoint") or {}
-        callbacks: list[Any] = [self.stop, RandomStates(),
+        # the clock first: its batch-end hook runs before any checkpoint is written
+        self.clock = TrainingClock()
+        callbacks: list[Any] = [self.clock, self.stop, RandomStates(),
                                 best_checkpoint(folder.checkpoint_dir, self.task.monitor, self.task.monitor_mode)]
         periodic = periodic_checkpoint(folder.checkpoint_dir, every.get("every_minutes"), every.get("every_n_steps"))
         if periodic is not None:
@@ -342,6 +345,7 @@ class _Prepared:
         metrics["trainer/global_step"] = float(trainer.global_step)
         metrics["trainer/epoch"] = float(trainer.current_epoch)
         metrics["time/fit_seconds"] = fit_seconds
+        metrics.update(self.clock.metrics())
         self._finish_logger("success", metrics)
         failure = _failure_of(metrics)
         if failure is not None:
