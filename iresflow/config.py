@@ -66,7 +66,9 @@ def config_dir() -> Path:
     env = os.environ.get(CONFIG_DIR_ENV)
     if env:
         return Path(env).expanduser()
-    return Path(__file__).resolve().parent.parent / "configs"
+    from iresflow.resources import shipped_folder
+
+    return shipped_folder("configs")
 
 
 def group_options(group: str, root: Path | None = None) -> list[str]:
@@ -333,7 +335,8 @@ def load_config(overrides: Sequence[str] = (), *, root: str | os.PathLike[str] |
     root = Path(root) if root is not None else config_dir()
     base_file = root / "train.yaml"
     if not base_file.is_file():
-        raise ConfigError(f"no train.yaml in the config folder {root} (set ${CONFIG_DIR_ENV})")
+        raise ConfigError(f"no train.yaml in the config folder {root}: set ${CONFIG_DIR_ENV} or --config-dir to a "
+                          "folder made by `iresflow config init DIR`")
     parsed = [_Override(o) for o in overrides]
     for o in parsed:  # an unknown group looks like an unknown top-level key
         if not o.add and not o.delete and "." not in o.key and o.key not in GROUPS \

@@ -56,8 +56,6 @@ ENTRY_POINT_GROUP = "iresflow.plugins"
 PART_KINDS = {"activation", "residual", "normalization", "solver", "estimator", "trace", "block", "optimizer",
               "prior"}
 PLUGIN_PATH_ENV = "IRESFLOW_PLUGINS"
-# The repository's own plugin folder (``<repo>/registry``), used when it exists.
-DEFAULT_PLUGIN_DIR = Path(__file__).resolve().parent.parent / "registry"
 
 
 class RegistryError(KeyError):
@@ -358,10 +356,13 @@ def _builtins() -> None:
 
 
 def plugin_dirs(extra: Iterable[str | os.PathLike[str]] = ()) -> list[Path]:
-    """The plugin folders: the repo's ``registry/``, ``$IRESFLOW_PLUGINS``, then ``extra``."""
+    """The plugin folders: the example plugins (``registry/``), ``$IRESFLOW_PLUGINS``, then ``extra``."""
+    from iresflow.resources import shipped_folder
+
     dirs: list[Path] = []
-    if DEFAULT_PLUGIN_DIR.is_dir():
-        dirs.append(DEFAULT_PLUGIN_DIR)
+    examples = shipped_folder("registry")  # the example plugins: the checkout's registry/, or shipped
+    if examples.is_dir():
+        dirs.append(examples)
     for part in os.environ.get(PLUGIN_PATH_ENV, "").split(os.pathsep):
         if part:
             dirs.append(Path(part).expanduser())
@@ -370,21 +371,25 @@ def plugin_dirs(extra: Iterable[str | os.PathLike[str]] = ()) -> list[Path]:
 
 
 def load_plugin_file(path: str | os.PathLike[str]) -> None:
-    """Import one plugin file (once); a failure is raised naming the file."""
+    """Import one plugin file (once), under its stable name (:mod:`iresflow.plugins`); a failure is
+    raised naming the file."""
+    from iresflow.plugins import module_name
+
     path = Path(path).resolve()
     if path in _loaded_files:
         return
-    module_name = f"iresflow_plugin_{path.stem}_{abs(hash(str(path))) % 10**8}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
-        raise PluginImportError(f"plugin {path} could not be loaded")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as err:  # report every failure by file, never swallow it
-        del sys.modules[module_name]
-        raise PluginImportError(f"plugin {path} failed to import: {type(err).__name__}: {err}") from err
+    name = module_name(path)
+    if name not in sys.modules:  # (a spawned process may have imported it already, unpickling)
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise PluginImportError(f"plugin {path} could not be loaded")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as err:  # report every failure by file, never swallow it
+            del sys.modules[name]
+            raise PluginImportError(f"plugin {path} failed to import: {type(err).__name__}: {err}") from err
     _loaded_files.add(path)
 
 
@@ -415,6 +420,14 @@ def discover(plugin_paths: Iterable[str | os.PathLike[str]] = ()) -> None:
         _loaded_entry_points.add(key)
 
     explicit = [Path(p).expanduser() for p in plugin_paths]
+    # Processes started from this one (spawned DDP ranks, DataLoader workers, sweep runs) inherit the
+    # folders, so they can import the plugin modules by name (iresflow.plugins).
+    inherited = [p for p in os.environ.get(PLUGIN_PATH_ENV, "").split(os.pathsep) if p]
+    for folder in explicit:
+        if str(folder.resolve()) not in inherited and folder.is_dir():
+            inherited.append(str(folder.resolve()))
+    if inherited:
+        os.environ[PLUGIN_PATH_ENV] = os.pathsep.join(inherited)
     for folder in plugin_dirs(explicit):
         if not folder.is_dir():
             if folder in explicit or str(folder) in os.environ.get(PLUGIN_PATH_ENV, ""):

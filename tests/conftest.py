@@ -21,6 +21,18 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _plugin_path_env():
+    """``registry.discover`` exports the plugin folders it is given to ``$IRESFLOW_PLUGINS`` (for child
+    processes); one test's folders must not become the next test's."""
+    before = os.environ.get("IRESFLOW_PLUGINS")
+    yield
+    if before is None:
+        os.environ.pop("IRESFLOW_PLUGINS", None)
+    else:
+        os.environ["IRESFLOW_PLUGINS"] = before
+
+
 @pytest.fixture(scope="module")
 def plugin_dir(tmp_path_factory):
     """The plugin folder of the fault tests' slow toy flow (``run_helpers``)."""

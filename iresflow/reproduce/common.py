@@ -46,10 +46,11 @@ class ReproduceError(RuntimeError):
 
 
 def repo_path(*parts: str) -> Path:
-    """A path in the repository (configs/, sweeps/), found as the run machinery finds configs/."""
-    from iresflow.config import config_dir
+    """A path in a folder that ships with iresflow (``sweeps/...``, ``configs/...``): the checkout's, or the
+    installed package's (:mod:`iresflow.resources`)."""
+    from iresflow.resources import shipped_folder
 
-    return config_dir().parent.joinpath(*parts)
+    return shipped_folder(parts[0]).joinpath(*parts[1:])
 
 
 def scale_file(target: str) -> Path:

@@ -14,11 +14,12 @@ import json
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import Sequence
 
 from iresflow.cliargs import collect_overrides
-from iresflow.config import ConfigError, load_config, parse_value, to_yaml
-from iresflow.run.errors import EXIT_FAILED, EXIT_OK, RunFailed, Stopped, exit_code_of
+from iresflow.config import CONFIG_DIR_ENV, ConfigError, load_config, parse_value, to_yaml
+from iresflow.run.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, RunFailed, Stopped, exit_code_of
 from iresflow.run.paths import rank
 
 __all__ = ["main", "parser"]
@@ -38,6 +39,9 @@ def parser() -> argparse.ArgumentParser:
         epilog="Overrides: group=name (data=mnist, logger=none, experiment=mnist_classify), "
                "a.b.c=value (model.coeff=0.9), +a.b=value (new key).\n" + EXIT_CODES_HELP)
     p.add_argument("--debug", action="store_true", help="print tracebacks (also IRESFLOW_DEBUG=1)")
+    p.add_argument("--config-dir", metavar="DIR",
+                   help="use the configs in DIR instead of the shipped ones (also $IRESFLOW_CONFIG_DIR; "
+                        "`iresflow config init DIR` makes such a folder)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -90,6 +94,9 @@ def parser() -> argparse.ArgumentParser:
     cs = c_sub.add_parser("show", help="print the resolved config")
     cs.add_argument("overrides", nargs="*")
     collect_overrides(cs)
+    ci = c_sub.add_parser("init", help="copy the shipped configs into a folder, to edit and use with --config-dir")
+    ci.add_argument("folder", help="the folder to write (made if missing)")
+    ci.add_argument("--force", action="store_true", help="replace files that exist (default: keep them)")
 
     from iresflow import sweep as _sweep
 
@@ -190,7 +197,33 @@ def _cmd_registry(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
+    if args.action == "init":
+        return _config_init(Path(args.folder).expanduser(), force=bool(args.force))
     print(to_yaml(load_config(args.overrides)), end="")
+    return EXIT_OK
+
+
+def _config_init(folder: Path, force: bool) -> int:
+    """Copy every shipped config file into ``folder``; existing files are kept unless ``force``."""
+    import shutil
+
+    from iresflow.resources import shipped_folder
+
+    source = shipped_folder("configs")
+    written, kept = [], []
+    for file in sorted(source.rglob("*")):
+        if not file.is_file() or file.suffix not in (".yaml", ".md"):
+            continue
+        target = folder / file.relative_to(source)
+        if target.exists() and not force:
+            kept.append(target)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(file, target)
+        written.append(target)
+    print(f"{len(written)} config files written to {folder}" + (f", {len(kept)} existing ones kept "
+          "(--force replaces them)" if kept else ""))
+    print(f"use them with: iresflow --config-dir {folder} train ...   (or IRESFLOW_CONFIG_DIR={folder})")
     return EXIT_OK
 
 
@@ -237,6 +270,13 @@ def report(err: BaseException, debug: bool) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit code (0 on success)."""
     args = parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.config_dir:  # (in the environment: sweep and reproduce runs, DDP ranks inherit it)
+        folder = Path(args.config_dir).expanduser().resolve()
+        if not (folder / "train.yaml").is_file():
+            print(f"error: --config-dir {folder} holds no train.yaml; make one with `iresflow config init "
+                  f"{args.config_dir}`", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        os.environ[CONFIG_DIR_ENV] = str(folder)
     debug = bool(args.debug) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         return COMMANDS[args.command](args)

@@ -40,10 +40,19 @@ class SweepError(ValueError):
 
 
 def load_spec(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and check a sweep spec (YAML). The sweep's ``name`` defaults to the file's stem."""
+    """Read and check a sweep spec (YAML). The sweep's ``name`` defaults to the file's stem.
+
+    A path that is not a file may name a shipped spec: ``coeff`` or ``sweeps/coeff.yaml`` is the
+    ``sweeps/coeff.yaml`` that comes with iresflow (the checkout's, or the installed package's)."""
     p = Path(path)
     if not p.is_file():
-        raise SweepError(f"no sweep spec {p}")
+        from iresflow.resources import shipped_folder
+
+        shipped = shipped_folder("sweeps") / (p.name if p.suffix == ".yaml" else f"{p.name}.yaml")
+        if not shipped.is_file():
+            names = ", ".join(sorted(f.stem for f in shipped.parent.glob("*.yaml")))
+            raise SweepError(f"no sweep spec {p} (the shipped ones: {names})")
+        p = shipped
     try:
         spec = yaml.safe_load(p.read_text())
     except yaml.YAMLError as err:
