@@ -88,7 +88,7 @@ def test_operator_normalised_conv_is_within_c(adversarial):
     update_lipschitz(layer, n_iterations=2000)
     operator = _conv_operator_norm(layer, layer.normalized_weight().detach(), (8, 8))
     assert operator == pytest.approx(0.7, rel=1e-4)
-    assert layer.lipschitz_constant() == pytest.approx(0.7, rel=1e-6)
+    assert operator * (1 - 1e-9) <= layer.lipschitz_constant()  # the reported constant is a bound
 
 
 def test_operator_residual_jacobian_within_c_after_scaling_up():
@@ -99,7 +99,11 @@ def test_operator_residual_jacobian_within_c_after_scaling_up():
     _scale_weights(g, 10.0)
     update_lipschitz(g, n_iterations=1500)
     norms = jacobian_norms(g, torch.randn(4, 2, 5, 5, dtype=torch.float64))
-    assert max(norms) <= g.lipschitz_bound() * (1 + 1e-5) <= coeff ** 3 * (1 + 1e-5)
+    assert max(norms) <= g.lipschitz_bound() * (1 + 1e-5)
+    for m in _linear_maps(g):  # every map within c (k x k: the materialised operator)
+        w = m.normalized_weight().detach()
+        norm = _conv_operator_norm(m, w, (5, 5)) if w.shape[-1] > 1 else spectral_norm(w.flatten(1))
+        assert norm <= coeff * (1 + 1e-5)
 
 
 # --------------------------------------------------------------------------- kernel
@@ -119,8 +123,8 @@ def test_kernel_normalisation_misses_c_on_a_padded_3x3_conv_and_reports_it(capsy
     operator = _conv_operator_norm(layer, weight, (8, 8))
     ratio = operator / coeff
     assert ratio > 2.0
-    # The reported bound is the measured operator norm, not c.
-    assert layer.lipschitz_constant() == pytest.approx(operator, rel=1e-4)
+    # The reported bound covers the real operator norm, not c.
+    assert operator * (1 - 1e-9) <= layer.lipschitz_constant() <= operator * 1.3
     assert layer.kernel_ratio() == pytest.approx(ratio, rel=1e-4)
     with capsys.disabled():
         print(f"\n[kernel normalisation, 3->4 channels, 3x3, padding 1, 8x8, constant taps] "
@@ -135,7 +139,7 @@ def test_kernel_normalisation_on_random_weights_and_in_a_residual():
     update_lipschitz(layer, n_iterations=2000)
     operator = _conv_operator_norm(layer, layer.normalized_weight().detach(), (8, 8))
     assert operator > 1.2 * coeff  # random weights: measurably above c too
-    assert layer.lipschitz_constant() == pytest.approx(operator, rel=1e-4)
+    assert operator * (1 - 1e-9) <= layer.lipschitz_constant() <= operator * 1.3
 
     g = ConvResidual(2, input_size=(6, 6), hidden_channels=6, coeff=coeff,
                      normalization=factory("normalization", "kernel")).double()
@@ -169,19 +173,30 @@ def test_kernel_conv_state_round_trips():
 
 
 def test_a_training_forward_iterates_only_the_vectors_that_normalise():
-    """operator: its vectors (they divide the weight); kernel: the kernel-matrix vectors, not the
-    report-only operator vectors; none: nothing (the raw weight). update_lipschitz iterates them all."""
+    """operator with the papers' upkeep: its vectors (they divide the weight); kernel: the kernel-matrix
+    vectors, not the report-only operator vectors; none: nothing (the raw weight); operator with the
+    default upkeep: nothing while the weight is the one its vectors were converged for, and a
+    convergence once it moved. update_lipschitz iterates them all."""
     torch.manual_seed(0)
     x = torch.randn(2, 2, 5, 5)
-    layers = {"operator": LipschitzConv2d(2, 3, 3, padding=1, input_size=(5, 5), coeff=0.9),
-              "kernel": KernelNormConv2d(2, 3, 3, padding=1, input_size=(5, 5), coeff=0.9),
-              "none": UnconstrainedConv2d(2, 3, 3, padding=1, input_size=(5, 5))}
+    settings = {"padding": 1, "input_size": (5, 5), "upkeep": "power_iteration"}
+    layers = {"operator": LipschitzConv2d(2, 3, 3, coeff=0.9, **settings),
+              "kernel": KernelNormConv2d(2, 3, 3, coeff=0.9, **settings),
+              "none": UnconstrainedConv2d(2, 3, 3, **settings),
+              "converged": LipschitzConv2d(2, 3, 3, padding=1, input_size=(5, 5), coeff=0.9)}
     for name, layer in layers.items():
         layer.train()
         op = layer.u.clone()
         kern = layer.kernel_u.clone() if name == "kernel" else None
         layer(x).sum().backward()
         assert torch.equal(layer.u, op) == (name != "operator"), name
+        if name == "converged":
+            with torch.no_grad():
+                layer.weight.add_(0.3 * torch.randn_like(layer.weight))  # what an optimiser step does
+            layer(x)
+            assert not torch.equal(layer.u, op)
+            assert float(layer.sigma) == pytest.approx(_conv_operator_norm(layer, layer.weight.detach(), (5, 5)),
+                                                       rel=1e-3)
         if kern is not None:
             assert not torch.equal(layer.kernel_u, kern)
         update_lipschitz(layer, n_iterations=1)
@@ -223,8 +238,8 @@ def test_none_conv_reports_its_real_operator_norm():
     update_lipschitz(layer, n_iterations=2000)
     operator = _conv_operator_norm(layer, layer.weight.detach(), (6, 6))
     assert operator > 5.0
-    # power iteration estimates from below; after 2000 iterations within 0.1%
-    assert operator * (1 - 1e-3) <= layer.lipschitz_constant() <= operator * (1 + 1e-9)
+    # a certified upper bound (the circular convolution's norm) of the raw weight's operator norm
+    assert operator * (1 - 1e-9) <= layer.lipschitz_constant() <= operator * 1.3
 
 
 def test_vanilla_inverse_is_reported_as_failed():
