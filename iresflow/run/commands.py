@@ -256,7 +256,8 @@ def report(err: BaseException, debug: bool) -> int:
     if debug or not known:
         traceback.print_exception(err)
     if isinstance(err, Stopped):
-        print(_one_line(err), file=sys.stderr)
+        if not err.announced:  # (a requeued run printed it before the requeue)
+            print(_one_line(err), file=sys.stderr)
     elif isinstance(err, KeyboardInterrupt):
         print("interrupted (Ctrl-C)", file=sys.stderr)
     else:
@@ -270,6 +271,10 @@ def report(err: BaseException, debug: bool) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit code (0 on success)."""
     args = parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.command == "train":  # a scheduler's signal during the imports: recorded, acted on by the run
+        from iresflow.run import early_signals
+
+        early_signals.install()
     if args.config_dir:  # (in the environment: sweep and reproduce runs, DDP ranks inherit it)
         folder = Path(args.config_dir).expanduser().resolve()
         if not (folder / "train.yaml").is_file():
