@@ -23,7 +23,8 @@ while training, not only after settling:
   iterated, warm-started, until the estimate of ``sigma`` changes by less than
   ``upkeep_tol`` (relative). :func:`update_lipschitz`, which the tasks call right after
   every optimiser step, does it there (so a checkpoint holds vectors that belong to its
-  weights); a training forward does it itself if nobody did (a plain PyTorch loop).
+  weights); a training forward does it itself if nobody did (a plain PyTorch loop in one
+  process; under DDP the tasks' upkeep runs on every rank).
   After any step, the map the next forward applies has norm ``c`` to the tolerance.
 - ``upkeep="power_iteration"``: the papers' scheme, kept for ablations: ``n_iterations``
   fixed iterations at every training forward, plus the task's ``lipschitz_iterations``
@@ -77,6 +78,12 @@ def paused_power_iteration():
 # Matrices with a side at most this long run fixed-count power iterations through
 # their Gram matrix (see _SpectralNorm._iterate_gram).
 _GRAM_MAX_DIM = 16
+
+
+def _distributed() -> bool:
+    """Several processes: there the tasks' upkeep after every step keeps the ranks' vectors identical (a
+    tensor's version counter, which the forward's own check reads, can differ between ranks)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _functorch_active() -> bool:
@@ -358,8 +365,8 @@ class _SpectralNorm:
         if not (self.training and torch.is_grad_enabled()) or _PAUSED.get():
             return
         if self.converges:
-            if self.weight._version != self._kept_version:  # moved since the last upkeep: converge first
-                self.keep_up()
+            if self.weight._version != self._kept_version and not _distributed():
+                self.keep_up()  # moved since the last upkeep (a loop without the tasks): converge first
         elif self.n_iterations > 0:
             self._iterate_in_forward()
 
