@@ -36,12 +36,13 @@ from typing import Any, Iterable, Sequence
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from iresflow import schema
+from iresflow import resources, schema
 
 __all__ = [
     "ConfigError",
     "GROUPS",
     "config_dir",
+    "init_config_dir",
     "load_config",
     "apply_overrides",
     "parse_value",
@@ -62,11 +63,44 @@ class ConfigError(ValueError):
 
 
 def config_dir() -> Path:
-    """The folder holding ``train.yaml`` and the group folders (``$IRESFLOW_CONFIG_DIR`` wins)."""
+    """The folder holding ``train.yaml`` and the group folders: ``$IRESFLOW_CONFIG_DIR`` (also set
+    by ``iresflow --config-dir DIR``) when set, else the configs shipped with the package."""
     env = os.environ.get(CONFIG_DIR_ENV)
     if env:
         return Path(env).expanduser()
-    return Path(__file__).resolve().parent.parent / "configs"
+    shipped = resources.shipped_configs()
+    if shipped is None:
+        raise ConfigError(f"the shipped configs are missing from this installation of iresflow; "
+                          f"set ${CONFIG_DIR_ENV} (or --config-dir) to a config folder")
+    return shipped
+
+
+def init_config_dir(target: str | os.PathLike[str], force: bool = False) -> tuple[list[Path], list[Path]]:
+    """Copy the shipped configs into ``target`` to edit them: ``(copied, kept)``.
+
+    A file that exists already is kept unless ``force``. Use the folder with
+    ``IRESFLOW_CONFIG_DIR=target`` or ``iresflow --config-dir target``.
+    """
+    import shutil
+
+    source = resources.shipped_configs()
+    if source is None:
+        raise ConfigError("the shipped configs are missing from this installation of iresflow")
+    target = Path(target).expanduser()
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"config init: {target} exists and is not a folder")
+    copied, kept = [], []
+    for file in sorted(source.rglob("*")):
+        if not file.is_file() or file.suffix not in (".yaml", ".md"):
+            continue
+        dest = target / file.relative_to(source)
+        if dest.exists() and not force:
+            kept.append(dest)
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(file, dest)
+        copied.append(dest)
+    return copied, kept
 
 
 def group_options(group: str, root: Path | None = None) -> list[str]:
@@ -333,7 +367,8 @@ def load_config(overrides: Sequence[str] = (), *, root: str | os.PathLike[str] |
     root = Path(root) if root is not None else config_dir()
     base_file = root / "train.yaml"
     if not base_file.is_file():
-        raise ConfigError(f"no train.yaml in the config folder {root} (set ${CONFIG_DIR_ENV})")
+        raise ConfigError(f"no train.yaml in the config folder {root}: point ${CONFIG_DIR_ENV} (or "
+                          f"iresflow --config-dir) at a folder made by `iresflow config init DIR`")
     parsed = [_Override(o) for o in overrides]
     for o in parsed:  # an unknown group looks like an unknown top-level key
         if not o.add and not o.delete and "." not in o.key and o.key not in GROUPS \

@@ -7,8 +7,11 @@ the close matches and the list of what exists.
 
 Discovery (see :func:`discover`): the built-ins register themselves on import,
 third-party packages through the entry-point group ``iresflow.plugins``, and
-every ``*.py`` in the plugin folders (the repository's ``registry/``, the
-``IRESFLOW_PLUGINS`` path list, and folders passed explicitly).
+every ``*.py`` in the plugin folders (the shipped examples of ``registry/``, the
+``IRESFLOW_PLUGINS`` path list, and folders passed explicitly). Plugin modules have
+stable names, so their objects survive pickling into a spawned process: the shipped
+examples are ``iresflow._plugins.<file>``, a file in a folder is
+``iresflow._plugin_files._<hex of its folder>.<file>``.
 
 Names are resolved here and nowhere else. When a component is built, each of its
 parameters that is named after a part kind (:data:`PART_KINDS`: ``estimator``,
@@ -29,6 +32,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
+
+from iresflow import resources
 
 __all__ = [
     "Entry",
@@ -56,8 +61,6 @@ ENTRY_POINT_GROUP = "iresflow.plugins"
 PART_KINDS = {"activation", "residual", "normalization", "solver", "estimator", "trace", "block", "optimizer",
               "prior"}
 PLUGIN_PATH_ENV = "IRESFLOW_PLUGINS"
-# The repository's own plugin folder (``<repo>/registry``), used when it exists.
-DEFAULT_PLUGIN_DIR = Path(__file__).resolve().parent.parent / "registry"
 
 
 class RegistryError(KeyError):
@@ -358,10 +361,11 @@ def _builtins() -> None:
 
 
 def plugin_dirs(extra: Iterable[str | os.PathLike[str]] = ()) -> list[Path]:
-    """The plugin folders: the repo's ``registry/``, ``$IRESFLOW_PLUGINS``, then ``extra``."""
+    """The plugin folders: the shipped examples (``registry/``), ``$IRESFLOW_PLUGINS``, then ``extra``."""
     dirs: list[Path] = []
-    if DEFAULT_PLUGIN_DIR.is_dir():
-        dirs.append(DEFAULT_PLUGIN_DIR)
+    shipped = resources.shipped_plugins()
+    if shipped is not None:
+        dirs.append(shipped)
     for part in os.environ.get(PLUGIN_PATH_ENV, "").split(os.pathsep):
         if part:
             dirs.append(Path(part).expanduser())
@@ -369,22 +373,29 @@ def plugin_dirs(extra: Iterable[str | os.PathLike[str]] = ()) -> list[Path]:
     return dirs
 
 
+def _module_name(path: Path) -> str:
+    """The stable module name of a plugin file (see the module notes)."""
+    if path.parent == resources.installed_plugins():
+        return f"{resources.PLUGINS_PACKAGE}.{path.stem}"
+    from iresflow._plugin_files import module_name
+
+    return module_name(path)
+
+
 def load_plugin_file(path: str | os.PathLike[str]) -> None:
-    """Import one plugin file (once); a failure is raised naming the file."""
+    """Import one plugin file (once, under its stable name); a failure is raised naming the file."""
     path = Path(path).resolve()
     if path in _loaded_files:
         return
-    module_name = f"iresflow_plugin_{path.stem}_{abs(hash(str(path))) % 10**8}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
-        raise PluginImportError(f"plugin {path} could not be loaded")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
+    name = _module_name(path)
     try:
-        spec.loader.exec_module(module)
+        module = importlib.import_module(name)
     except Exception as err:  # report every failure by file, never swallow it
-        del sys.modules[module_name]
+        sys.modules.pop(name, None)
         raise PluginImportError(f"plugin {path} failed to import: {type(err).__name__}: {err}") from err
+    if module.__file__ is None or Path(module.__file__).resolve() != path:  # another file took the name
+        raise PluginImportError(f"plugin {path} could not be loaded: the module name {name} is "
+                                f"{module.__file__}")
     _loaded_files.add(path)
 
 

@@ -1,5 +1,5 @@
 """The ``iresflow`` command line: ``train``, ``eval``, ``sample``, ``sweep``, ``reproduce``, ``registry list``,
-``config show``; :func:`main` returns the exit code (:mod:`iresflow.run.errors`).
+``config show`` / ``config init``; :func:`main` returns the exit code (:mod:`iresflow.run.errors`).
 
 An error is one line on stderr (``error: ...``) with the exit code it means; a traceback
 only for what is not a known kind of failure, or when asked (``--debug`` or
@@ -17,7 +17,7 @@ import traceback
 from typing import Sequence
 
 from iresflow.cliargs import collect_overrides
-from iresflow.config import ConfigError, load_config, parse_value, to_yaml
+from iresflow.config import CONFIG_DIR_ENV, ConfigError, init_config_dir, load_config, parse_value, to_yaml
 from iresflow.run.errors import EXIT_FAILED, EXIT_OK, RunFailed, Stopped, exit_code_of
 from iresflow.run.paths import rank
 
@@ -38,6 +38,9 @@ def parser() -> argparse.ArgumentParser:
         epilog="Overrides: group=name (data=mnist, logger=none, experiment=mnist_classify), "
                "a.b.c=value (model.coeff=0.9), +a.b=value (new key).\n" + EXIT_CODES_HELP)
     p.add_argument("--debug", action="store_true", help="print tracebacks (also IRESFLOW_DEBUG=1)")
+    p.add_argument("--config-dir", metavar="DIR", help="the config folder to use instead of the shipped one "
+                                                        "(also IRESFLOW_CONFIG_DIR=DIR; make one with "
+                                                        "`iresflow config init DIR`)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -83,13 +86,20 @@ def parser() -> argparse.ArgumentParser:
     rl.add_argument("kind", nargs="?", help="activation, residual, solver, estimator, optimizer, model, task, data")
     rl.add_argument("--plugins", nargs="*", default=[], help="extra plugin folders")
 
-    c = sub.add_parser("config", help="show the composed config", formatter_class=FMT,
-                       description="config show [overrides]: print the resolved config of a run.")
+    c = sub.add_parser("config", help="show the composed config, or copy the shipped configs to edit",
+                       formatter_class=FMT,
+                       description="config show [overrides]: print the resolved config of a run.\n"
+                                   "config init DIR: copy the shipped configs into DIR (existing files are "
+                                   "kept unless --force); then use them with --config-dir DIR or "
+                                   "IRESFLOW_CONFIG_DIR=DIR.")
     c_sub = c.add_subparsers(dest="action", metavar="ACTION")
     c_sub.required = True
     cs = c_sub.add_parser("show", help="print the resolved config")
     cs.add_argument("overrides", nargs="*")
     collect_overrides(cs)
+    ci = c_sub.add_parser("init", help="copy the shipped configs into a folder to edit")
+    ci.add_argument("folder", metavar="DIR")
+    ci.add_argument("--force", action="store_true", help="overwrite files that exist in DIR")
 
     from iresflow import sweep as _sweep
 
@@ -190,6 +200,14 @@ def _cmd_registry(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
+    if args.action == "init":
+        copied, kept = init_config_dir(args.folder, force=args.force)
+        print(f"copied {len(copied)} config files into {args.folder}")
+        if kept:
+            print(f"kept {len(kept)} files that were there already (--force overwrites them): "
+                  + ", ".join(str(p.relative_to(args.folder)) for p in kept[:5]) + (" ..." if len(kept) > 5 else ""))
+        print(f"use them with: iresflow --config-dir {args.folder} train ...  (or IRESFLOW_CONFIG_DIR={args.folder})")
+        return EXIT_OK
     print(to_yaml(load_config(args.overrides)), end="")
     return EXIT_OK
 
@@ -238,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit code (0 on success)."""
     args = parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     debug = bool(args.debug) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    if args.config_dir:  # through the environment, so that the processes a run starts read it too
+        os.environ[CONFIG_DIR_ENV] = os.path.abspath(os.path.expanduser(args.config_dir))
     try:
         return COMMANDS[args.command](args)
     except SystemExit:
