@@ -236,9 +236,29 @@ def _kind_of(path: str) -> str | None:
     """Which registry kind the node at ``path`` is (``model.estimator`` -> estimator)."""
     if path in _TOP_LEVEL_KINDS:
         return _TOP_LEVEL_KINDS[path]
-    from iresflow.registry import kind_of_parameter  # (the registry module imports no torch)
+    return schema.component_kind(path)
 
-    return kind_of_parameter(path.rsplit(".", 1)[-1])
+
+def _promote_component(cfg: DictConfig, key: str) -> str | None:
+    """For ``a.b.param`` where ``a.b`` is a component given by its name only (``activation: lipswish``):
+    make ``a.b`` the node ``{name: lipswish}`` so that ``param`` can be set; returns ``a.b``."""
+    path, _, _ = key.rpartition(".")
+    if not path or _kind_of(path) is None or path in _TOP_LEVEL_KINDS or not _key_exists(cfg, path):
+        return None
+    current = OmegaConf.select(cfg, path)
+    if not isinstance(current, str):
+        return None
+    OmegaConf.update(cfg, path, {"name": current}, merge=False, force_add=True)
+    return path
+
+
+def _check_component_parameter(cfg: DictConfig, path: str, leaf: str) -> None:
+    """``leaf`` must be a parameter of the component at ``path`` (the registry says which)."""
+    kind, name = _kind_of(path), OmegaConf.select(cfg, f"{path}.name")
+    accepted = _accepted_params(str(kind), str(name), list(cfg.get("plugins") or []))
+    if accepted is not None and leaf not in accepted:
+        raise ConfigError(f"unknown config key {path}.{leaf!r}: {kind} {name!r} has no parameter {leaf!r}."
+                          f"{_suggest(leaf, accepted)} Accepted: {', '.join(sorted(accepted)) or '(none)'}.")
 
 
 def _accepted_params(kind: str, name: str, plugins: Sequence[str]) -> set[str] | None:
@@ -292,6 +312,7 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str], *, allow_groups: 
         return 2
 
     OmegaConf.set_struct(cfg, False)
+    promoted: set[str] = set()  # component names made nodes by these overrides
     for o in sorted(parsed, key=order):
         if o.is_group:
             if allow_groups:
@@ -306,6 +327,17 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str], *, allow_groups: 
             del parent[leaf]
             continue
         exists = _key_exists(cfg, o.key)
+        if not exists and not o.delete:
+            # model.activation.beta=2 with `activation: lipswish`: the name becomes a node whose parameters
+            # the registry knows (only here: a typo under a node of the config files needs no torch)
+            parent = _promote_component(cfg, o.key) or (o.key.rpartition(".")[0] if o.key.rpartition(".")[0]
+                                                        in promoted else None)
+            if parent is not None:
+                promoted.add(parent)
+                if not o.key.endswith(".name"):
+                    _check_component_parameter(cfg, parent, o.key.rsplit(".", 1)[1])
+                    o.add = True
+            exists = _key_exists(cfg, o.key)
         if not exists and not o.add and _is_trainer_argument(o.key):
             exists = False  # any lightning Trainer argument may be set without '+'
         elif not exists and not o.add:

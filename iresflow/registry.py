@@ -51,6 +51,7 @@ __all__ = [
     "PART_KINDS",
     "kind_of_parameter",
     "accepted_parameters",
+    "missing_parameters",
     "instance",
     "discover",
 ]
@@ -124,6 +125,15 @@ def _check_parameters(kind: str, name: str, obj: Callable[..., Any], given: Iter
         if key not in accepted:
             raise RegistryError(f"{kind} {name!r} has no parameter {key!r}" + _close_hint(key, accepted)
                                 + f". Accepted: {', '.join(accepted) or '(none)'}.")
+
+
+def missing_parameters(obj: Callable[..., Any], given: Iterable[str]) -> list[str]:
+    """The required parameters of ``obj``'s own signature that ``given`` does not name (a base class's
+    are not asked for: a subclass may pass them itself)."""
+    named = set(given)
+    return [p.name for p in _signature(obj).parameters.values()
+            if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and p.name != "self" and p.name not in named]
 
 
 def _suggest(word: str, choices: Iterable[str], what: str) -> str:
@@ -201,6 +211,10 @@ def build(kind: str, name: str, /, **params: Any) -> Any:
     """
     entry = get(kind, name)
     _check_parameters(kind, name, entry.obj, params)
+    missing = missing_parameters(entry.obj, params)
+    if missing:  # said here, so that a TypeError from the constructor is always a bug inside it
+        raise RegistryError(f"{kind} {name!r} needs the parameter{'s' if len(missing) > 1 else ''} "
+                            f"{', '.join(missing)}")
     return entry.obj(**_nested_factories(params))
 
 

@@ -5,7 +5,9 @@ name and parameters and turns nested part nodes (``model.estimator``, ``task.opt
 into factories. The datamodule's facts (``dims``, ``data_kind``, ``n_bits``,
 ``num_classes``) are offered to the model and the task as defaults: each takes those
 its signature names. A value a component refuses (``coeff=1.5``, an unknown gradient mode)
-is bad input, reported with the node it came from.
+is bad input, reported with the node it came from: components refuse values with a
+``ValueError``. Any other error raised while building (a ``TypeError`` inside a constructor
+is a bug, not a bad setting) keeps its traceback.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def _build(kind: str, node: Any, **defaults: Any) -> Any:
         return registry.build_node(kind, node, **defaults)
     except registry.RegistryError as err:
         raise ConfigError(f"{kind}: {err}") from err
-    except (ValueError, TypeError) as err:  # a value the component refuses
+    except ValueError as err:  # a value the component refuses (a TypeError is a bug: its traceback is shown)
         raise ConfigError(f"{kind} {node.get('name')!r}: {err} (check the {kind}.* settings)") from err
 
 
