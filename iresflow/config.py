@@ -213,10 +213,17 @@ def _all_keys(node: Any, prefix: str = "") -> list[str]:
     keys = []
     if isinstance(node, DictConfig):
         for k in node.keys():
-            full = f"{prefix}{k}"
+            full = f"{prefix}{k!s}"
             keys.append(full)
-            keys.extend(_all_keys(node._get_node(k), full + "."))
+            keys.extend(_all_keys(_child(node, k), full + "."))
     return keys
+
+
+def _child(node: DictConfig | ListConfig, key: Any) -> Any:
+    """A child without resolving it: an interpolation or a missing value (``???``) is a leaf here."""
+    if OmegaConf.is_interpolation(node, key) or OmegaConf.is_missing(node, key):
+        return None
+    return node[key]
 
 
 def _unknown_key(cfg: DictConfig, key: str) -> ConfigError:
@@ -296,7 +303,8 @@ def _switch_component(cfg: DictConfig, path: str, new_name: str) -> None:
         del node[key]
 
 
-def apply_overrides(cfg: DictConfig, overrides: Sequence[str], *, allow_groups: bool = False) -> DictConfig:
+def apply_overrides(cfg: DictConfig, overrides: Sequence[str | _Override], *,
+                    allow_groups: bool = False) -> DictConfig:
     """Apply ``key=value`` / ``+key=value`` / ``~key`` overrides to ``cfg`` (in place, returned).
 
     Group choices (``data=mnist``) are handled by :func:`load_config`; here they
@@ -380,9 +388,9 @@ def _key_exists(cfg: DictConfig, key: str) -> bool:
     node: Any = cfg
     for part in key.split("."):
         if isinstance(node, DictConfig) and part in node:
-            node = node._get_node(part)
+            node = _child(node, part)
         elif isinstance(node, ListConfig) and part.isdigit() and int(part) < len(node):
-            node = node._get_node(int(part))
+            node = _child(node, int(part))
         else:
             return False
     return True
@@ -430,7 +438,9 @@ def load_config(overrides: Sequence[str] = (), *, root: str | os.PathLike[str] |
             raise ConfigError(f"no {group} config chosen; pass {group}=NAME "
                               f"(one of: {', '.join(group_options(group, root))})")
         cfg[group] = _load_yaml(_group_file(group, str(name), root))
-    cfg = OmegaConf.merge(cfg, exp_body)
+    merged = OmegaConf.merge(cfg, exp_body)
+    assert isinstance(merged, DictConfig)  # two mappings merge into a mapping
+    cfg = merged
     cfg["experiment"] = experiment
 
     apply_overrides(cfg, parsed, allow_groups=True)
@@ -458,10 +468,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"ckpt_path must be null, auto, last or a path, not {cfg.ckpt_path!r}")
     trainer = cfg.get("trainer")
     if isinstance(trainer, DictConfig):
-        for key in trainer.keys():
-            if key not in schema.TRAINER_ARGUMENTS:
-                raise ConfigError(f"trainer.{key} is not a lightning Trainer argument."
-                                  f"{_suggest(str(key), schema.TRAINER_ARGUMENTS)}")
+        for argument in trainer.keys():
+            if argument not in schema.TRAINER_ARGUMENTS:
+                raise ConfigError(f"trainer.{argument!s} is not a lightning Trainer argument."
+                                  f"{_suggest(str(argument), schema.TRAINER_ARGUMENTS)}")
     for key in _all_keys(cfg):  # the keys with declared types, wherever their value came from
         value = OmegaConf.select(cfg, key)
         if isinstance(value, (DictConfig, ListConfig)):

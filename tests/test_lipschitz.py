@@ -28,7 +28,8 @@ def _conv_operator_norm(layer: LipschitzConv2d) -> float:
     def op(x):
         return F.conv2d(x.view(1, c, h, w), weight, None, layer.stride, layer.padding).flatten()
 
-    return spectral_norm(torch.autograd.functional.jacobian(op, torch.zeros(c * h * w, dtype=weight.dtype), vectorize=True))
+    jacobian = torch.autograd.functional.jacobian(op, torch.zeros(c * h * w, dtype=weight.dtype), vectorize=True)
+    return spectral_norm(jacobian)
 
 
 def _inflate(module, factor=10.0):

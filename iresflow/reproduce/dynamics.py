@@ -106,7 +106,8 @@ def run(ctx: Context) -> dict:
             traj = paths(blocks, grid)
         pairs = crossing_pairs(traj)
         n = s["grid"]
-        row = {"model": label, "final_loss": loss, "crossing_pairs": pairs, "crossing_fraction": pairs / (n * (n - 1) / 2),
+        row = {"model": label, "final_loss": loss, "crossing_pairs": pairs,
+               "crossing_fraction": pairs / (n * (n - 1) / 2),
                "lipschitz_max": max(b.lipschitz_bound() for b in blocks)}
         results[label] = {"paths": traj, "row": row}
         rows.append(row)

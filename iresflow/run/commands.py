@@ -173,7 +173,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     ckpt = args.ckpt or found.get("ckpt")
     n = _number("n", args.n if args.n is not None else found.get("n", "64"), int)
     temperature = _number("temperature", found.get("temperature", "1.0"), float)
-    seed = _number("seed", found["seed"], int) if "seed" in found else None
+    seed = int(_number("seed", found["seed"], int)) if "seed" in found else None
     if n < 1:
         raise ConfigError(f"n={n}: the number of samples must be at least 1 (e.g. n=64)")
     if not ckpt:
@@ -230,7 +230,7 @@ COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample, "regi
 
 # --------------------------------------------------------------------------- errors
 
-def _one_line(text: str) -> str:
+def _one_line(text: object) -> str:
     return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
