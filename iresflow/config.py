@@ -264,7 +264,7 @@ def _check_component_parameter(cfg: DictConfig, path: str, leaf: str) -> None:
     kind, name = _kind_of(path), OmegaConf.select(cfg, f"{path}.name")
     accepted = _accepted_params(str(kind), str(name), list(cfg.get("plugins") or []))
     if accepted is not None and leaf not in accepted:
-        raise ConfigError(f"unknown config key {path}.{leaf!r}: {kind} {name!r} has no parameter {leaf!r}."
+        raise ConfigError(f"unknown config key '{path}.{leaf}': {kind} {name!r} has no parameter {leaf!r}."
                           f"{_suggest(leaf, accepted)} Accepted: {', '.join(sorted(accepted)) or '(none)'}.")
 
 

@@ -9,7 +9,7 @@ A key's accepted types come from, first to last:
 3. the registry's part kinds: a key named after one (``model.activation``, ``model.prior``,
    ``task.optimizer``, ``model.estimator.trace``) or ending in ``_<kind>`` (``task.eval_estimator``,
    ``model.fc_residual``) takes a component: a name, a node ``{name: ..., **params}`` or a list
-   of them (one per scale), and ``null`` where its default is ``null`` (the model's default).
+   of them (one per scale), or ``null`` (the component's own default, where it has one).
    The kinds are a plain list in :mod:`iresflow.registry`, known without importing torch;
 4. the value in the config files, when that is unambiguous: an integer takes integers, a
    float takes numbers, ``true``/``false`` takes booleans, a string takes text (a number
@@ -145,8 +145,7 @@ def accepts_for(key: str, default: Any = None, has_default: bool = False) -> Acc
     if len(parts) == 2 and parts[0] == "trainer" and parts[1] in TRAINER_ARGUMENTS:
         return TRAINER_ARGUMENTS[parts[1]]
     if component_kind(key) is not None:
-        null = ("null",) if not has_default or default is None else ()
-        return A("str", "dict", "list", *null)
+        return A("str", "dict", "list", "null")
     return _inferred(default) if has_default else None
 
 

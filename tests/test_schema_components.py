@@ -42,8 +42,12 @@ def test_component_keys_come_from_the_registry_kinds():
     assert schema.component_kind("model.fc_residual") == "residual"
     assert schema.component_kind("model.coeff") is None and schema.component_kind("trainer.strategy") is None
     assert "dict" in schema.accepts_for("model.activation", "lipswish", has_default=True).kinds
-    assert "null" not in schema.accepts_for("model.activation", "lipswish", has_default=True).kinds
-    assert "null" in schema.accepts_for("model.prior", None, has_default=True).kinds
+    # null: the component's own default (the flow's standard prior, its residual block, ...)
+    assert "null" in schema.accepts_for("model.prior", "standard", has_default=True).kinds
+    with pytest.raises(ValueError, match="model.activation takes text, a mapping"):
+        schema.check_value("model.activation", True, schema.accepts_for("model.activation", "elu", True))
+    assert load_config([*TOY, "task.eval_estimator={name: exact}"]).task.eval_estimator.name == "exact"
+    assert load_config([*TOY, "model.prior=null"]).model.prior is None
 
 
 @pytest.mark.parametrize("overrides", [
