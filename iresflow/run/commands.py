@@ -98,7 +98,7 @@ def parser() -> argparse.ArgumentParser:
     cs.add_argument("overrides", nargs="*")
     collect_overrides(cs)
     ci = c_sub.add_parser("init", help="copy the shipped configs into a folder to edit")
-    ci.add_argument("folder", metavar="DIR")
+    ci.add_argument("folder", metavar="DIR", help="the folder to fill (made if missing)")
     ci.add_argument("--force", action="store_true", help="overwrite files that exist in DIR")
 
     from iresflow import sweep as _sweep
