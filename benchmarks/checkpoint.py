@@ -99,7 +99,7 @@ def _measure(ctx: Context, overrides: list[str], folder: Path) -> dict:
                          plugins=[AtomicCheckpointIO()], default_root_dir=str(folder))
     trainer.fit(task, datamodule=dm)
     saves = []
-    for i in range(2 if ctx.quick else 5):
+    for _ in range(2 if ctx.quick else 5):
         t0 = time.perf_counter()
         trainer.save_checkpoint(str(folder / "checkpoints" / "last.ckpt"), weights_only=False)
         saves.append(time.perf_counter() - t0)

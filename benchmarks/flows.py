@@ -169,7 +169,8 @@ def iresflow_residual(s: FlowSettings) -> nn.Module:
                            n_iterations=s.n_power_iterations, preact=True)
     c, h, w = s.in_shape
     return ConvResidual(c, input_size=(h, w), hidden_channels=int(s.hidden),
-                        kernel_sizes=tuple(s.kernel_sizes), activation=factory("activation", s.activation), coeff=s.coeff,
+                        kernel_sizes=tuple(s.kernel_sizes), activation=factory("activation", s.activation),
+                        coeff=s.coeff,
                         n_iterations=s.n_power_iterations, preact=True)
 
 
@@ -409,7 +410,7 @@ class CommonDraws:
             it = iter(self.draws(count[0]))
             count[0] += 1
             for est in estimators:
-                est.sample_n = (lambda n=next(it): n - 1)
+                est.sample_n = (lambda n=next(it): n - 1)  # noqa: B008  (binds this estimator's draw now)
             return plain()
 
         return replace(side, step=step)

@@ -66,7 +66,8 @@ def run(ctx: Context) -> dict:
         res["targets"].append(target("spectral-norm share of image step", res["cases"]["image"]["share_median"],
                                      "<=", 0.25, unit="fraction"))
     res["table"] = [{"metric": f"{case}: step ms with / without SN",
-                     "iresflow": f"{c['time']['with_sn']['median_s']*1e3:.1f} / {c['time']['without_sn']['median_s']*1e3:.1f}",
+                     "iresflow": f"{c['time']['with_sn']['median_s']*1e3:.1f} / "
+                                 f"{c['time']['without_sn']['median_s']*1e3:.1f}",
                      "ratio": c["share_median"], "ratio_meaning": "SN share of step"}
                     for case, c in res["cases"].items()]
     return jsonable(res)

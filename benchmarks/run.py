@@ -84,7 +84,8 @@ def main(argv=None) -> int:
     report = {
         "schema_version": SCHEMA_VERSION,
         "created": now_iso(),
-        "command": "python -m benchmarks.run " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "command": "python -m benchmarks.run "
+                   + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         "mode": "quick" if args.quick else "full",
         "device": device.type,
         "machine": machine_info(device),

@@ -62,7 +62,8 @@ class ConfigError(ValueError):
 
 
 def config_dir() -> Path:
-    """The folder holding ``train.yaml`` and the group folders (``$IRESFLOW_CONFIG_DIR`` wins)."""
+    """The folder holding ``train.yaml`` and the group folders: ``$IRESFLOW_CONFIG_DIR`` (also set
+    by ``iresflow --config-dir DIR``) when set, else the configs shipped with the package."""
     env = os.environ.get(CONFIG_DIR_ENV)
     if env:
         return Path(env).expanduser()
@@ -181,10 +182,17 @@ def _all_keys(node: Any, prefix: str = "") -> list[str]:
     keys = []
     if isinstance(node, DictConfig):
         for k in node.keys():
-            full = f"{prefix}{k}"
+            full = f"{prefix}{k!s}"
             keys.append(full)
-            keys.extend(_all_keys(node._get_node(k), full + "."))
+            keys.extend(_all_keys(_child(node, k), full + "."))
     return keys
+
+
+def _child(node: DictConfig | ListConfig, key: Any) -> Any:
+    """A child without resolving it: an interpolation or a missing value (``???``) is a leaf here."""
+    if OmegaConf.is_interpolation(node, key) or OmegaConf.is_missing(node, key):
+        return None
+    return node[key]
 
 
 def _unknown_key(cfg: DictConfig, key: str) -> ConfigError:
@@ -204,9 +212,29 @@ def _kind_of(path: str) -> str | None:
     """Which registry kind the node at ``path`` is (``model.estimator`` -> estimator)."""
     if path in _TOP_LEVEL_KINDS:
         return _TOP_LEVEL_KINDS[path]
-    from iresflow.registry import kind_of_parameter  # (the registry module imports no torch)
+    return schema.component_kind(path)
 
-    return kind_of_parameter(path.rsplit(".", 1)[-1])
+
+def _promote_component(cfg: DictConfig, key: str) -> str | None:
+    """For ``a.b.param`` where ``a.b`` is a component given by its name only (``activation: lipswish``):
+    make ``a.b`` the node ``{name: lipswish}`` so that ``param`` can be set; returns ``a.b``."""
+    path, _, _ = key.rpartition(".")
+    if not path or _kind_of(path) is None or path in _TOP_LEVEL_KINDS or not _key_exists(cfg, path):
+        return None
+    current = OmegaConf.select(cfg, path)
+    if not isinstance(current, str):
+        return None
+    OmegaConf.update(cfg, path, {"name": current}, merge=False, force_add=True)
+    return path
+
+
+def _check_component_parameter(cfg: DictConfig, path: str, leaf: str) -> None:
+    """``leaf`` must be a parameter of the component at ``path`` (the registry says which)."""
+    kind, name = _kind_of(path), OmegaConf.select(cfg, f"{path}.name")
+    accepted = _accepted_params(str(kind), str(name), list(cfg.get("plugins") or []))
+    if accepted is not None and leaf not in accepted:
+        raise ConfigError(f"unknown config key '{path}.{leaf}': {kind} {name!r} has no parameter {leaf!r}."
+                          f"{_suggest(leaf, accepted)} Accepted: {', '.join(sorted(accepted)) or '(none)'}.")
 
 
 def _accepted_params(kind: str, name: str, plugins: Sequence[str]) -> set[str] | None:
@@ -244,7 +272,8 @@ def _switch_component(cfg: DictConfig, path: str, new_name: str) -> None:
         del node[key]
 
 
-def apply_overrides(cfg: DictConfig, overrides: Sequence[str], *, allow_groups: bool = False) -> DictConfig:
+def apply_overrides(cfg: DictConfig, overrides: Sequence[str | _Override], *,
+                    allow_groups: bool = False) -> DictConfig:
     """Apply ``key=value`` / ``+key=value`` / ``~key`` overrides to ``cfg`` (in place, returned).
 
     Group choices (``data=mnist``) are handled by :func:`load_config`; here they
@@ -260,6 +289,7 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str], *, allow_groups: 
         return 2
 
     OmegaConf.set_struct(cfg, False)
+    promoted: set[str] = set()  # component names made nodes by these overrides
     for o in sorted(parsed, key=order):
         if o.is_group:
             if allow_groups:
@@ -274,6 +304,17 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str], *, allow_groups: 
             del parent[leaf]
             continue
         exists = _key_exists(cfg, o.key)
+        if not exists and not o.delete:
+            # model.activation.beta=2 with `activation: lipswish`: the name becomes a node whose parameters
+            # the registry knows (only here: a typo under a node of the config files needs no torch)
+            parent = _promote_component(cfg, o.key) or (o.key.rpartition(".")[0] if o.key.rpartition(".")[0]
+                                                        in promoted else None)
+            if parent is not None:
+                promoted.add(parent)
+                if not o.key.endswith(".name"):
+                    _check_component_parameter(cfg, parent, o.key.rsplit(".", 1)[1])
+                    o.add = True
+            exists = _key_exists(cfg, o.key)
         if not exists and not o.add and _is_trainer_argument(o.key):
             exists = False  # any lightning Trainer argument may be set without '+'
         elif not exists and not o.add:
@@ -316,9 +357,9 @@ def _key_exists(cfg: DictConfig, key: str) -> bool:
     node: Any = cfg
     for part in key.split("."):
         if isinstance(node, DictConfig) and part in node:
-            node = node._get_node(part)
+            node = _child(node, part)
         elif isinstance(node, ListConfig) and part.isdigit() and int(part) < len(node):
-            node = node._get_node(int(part))
+            node = _child(node, int(part))
         else:
             return False
     return True
@@ -366,7 +407,9 @@ def load_config(overrides: Sequence[str] = (), *, root: str | os.PathLike[str] |
             raise ConfigError(f"no {group} config chosen; pass {group}=NAME "
                               f"(one of: {', '.join(group_options(group, root))})")
         cfg[group] = _load_yaml(_group_file(group, str(name), root))
-    cfg = OmegaConf.merge(cfg, exp_body)
+    merged = OmegaConf.merge(cfg, exp_body)
+    assert isinstance(merged, DictConfig)  # two mappings merge into a mapping
+    cfg = merged
     cfg["experiment"] = experiment
 
     apply_overrides(cfg, parsed, allow_groups=True)
@@ -394,10 +437,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"ckpt_path must be null, auto, last or a path, not {cfg.ckpt_path!r}")
     trainer = cfg.get("trainer")
     if isinstance(trainer, DictConfig):
-        for key in trainer.keys():
-            if key not in schema.TRAINER_ARGUMENTS:
-                raise ConfigError(f"trainer.{key} is not a lightning Trainer argument."
-                                  f"{_suggest(str(key), schema.TRAINER_ARGUMENTS)}")
+        for argument in trainer.keys():
+            if argument not in schema.TRAINER_ARGUMENTS:
+                raise ConfigError(f"trainer.{argument!s} is not a lightning Trainer argument."
+                                  f"{_suggest(str(argument), schema.TRAINER_ARGUMENTS)}")
     for key in _all_keys(cfg):  # the keys with declared types, wherever their value came from
         value = OmegaConf.select(cfg, key)
         if isinstance(value, (DictConfig, ListConfig)):

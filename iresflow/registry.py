@@ -7,8 +7,10 @@ the close matches and the list of what exists.
 
 Discovery (see :func:`discover`): the built-ins register themselves on import,
 third-party packages through the entry-point group ``iresflow.plugins``, and
-every ``*.py`` in the plugin folders (the repository's ``registry/``, the
-``IRESFLOW_PLUGINS`` path list, and folders passed explicitly).
+every ``*.py`` in the plugin folders (the shipped examples of ``registry/``, the
+``IRESFLOW_PLUGINS`` path list, and folders passed explicitly). Plugin files are imported under
+stable names, ``iresflow.plugins.<file>_<digest of its folder>`` (:mod:`iresflow.plugins`), so
+their objects survive pickling into a spawned process.
 
 Names are resolved here and nowhere else. When a component is built, each of its
 parameters that is named after a part kind (:data:`PART_KINDS`: ``estimator``,
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+
 __all__ = [
     "Entry",
     "RegistryError",
@@ -46,6 +49,7 @@ __all__ = [
     "PART_KINDS",
     "kind_of_parameter",
     "accepted_parameters",
+    "missing_parameters",
     "instance",
     "discover",
 ]
@@ -119,6 +123,15 @@ def _check_parameters(kind: str, name: str, obj: Callable[..., Any], given: Iter
         if key not in accepted:
             raise RegistryError(f"{kind} {name!r} has no parameter {key!r}" + _close_hint(key, accepted)
                                 + f". Accepted: {', '.join(accepted) or '(none)'}.")
+
+
+def missing_parameters(obj: Callable[..., Any], given: Iterable[str]) -> list[str]:
+    """The required parameters of ``obj``'s own signature that ``given`` does not name (a base class's
+    are not asked for: a subclass may pass them itself)."""
+    named = set(given)
+    return [p.name for p in _signature(obj).parameters.values()
+            if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and p.name != "self" and p.name not in named]
 
 
 def _suggest(word: str, choices: Iterable[str], what: str) -> str:
@@ -196,6 +209,10 @@ def build(kind: str, name: str, /, **params: Any) -> Any:
     """
     entry = get(kind, name)
     _check_parameters(kind, name, entry.obj, params)
+    missing = missing_parameters(entry.obj, params)
+    if missing:  # said here, so that a TypeError from the constructor is always a bug inside it
+        raise RegistryError(f"{kind} {name!r} needs the parameter{'s' if len(missing) > 1 else ''} "
+                            f"{', '.join(missing)}")
     return entry.obj(**_nested_factories(params))
 
 

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-pytest.importorskip("normflows", reason="the bench extra (normflows, the reference) is not installed: pip install -e .[bench]")
+pytest.importorskip("normflows",
+                    reason="the bench extra (normflows, the reference) is not installed: pip install -e .[bench]")
 
 from benchmarks import run as bench_run  # noqa: E402
 from benchmarks.common import target  # noqa: E402

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer
 
 from iresflow.config import load_config
-from iresflow.nn.lipschitz import LipschitzConv2d
 from iresflow.run.build import build_components
 
 TOLERANCE = 2e-5

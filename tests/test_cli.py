@@ -144,7 +144,7 @@ def test_train_writes_the_run_folder_resumes_and_refuses(plugin_dir, tmp_path):
     assert "trainer.max_steps" in (out / "changes.yaml").read_text()
     import csv
 
-    rows = list(csv.DictReader(open(out / "csv" / "version_1" / "metrics.csv")))
+    rows = list(csv.DictReader((out / "csv" / "version_1" / "metrics.csv").read_text().splitlines()))
     steps = [int(r["step"]) for r in rows if r.get("train/nll")]
     assert steps and min(steps) >= 4  # the resumed run logged steps 4.. only
     # overwrite=true replaces the folder

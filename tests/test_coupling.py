@@ -79,7 +79,8 @@ def test_invertible_linear_log_det_and_inverse():
     torch.manual_seed(0)
     layer = InvertibleLinear(6).double()
     w = layer.weight()
-    torch.testing.assert_close(w @ w.t(), torch.eye(6, dtype=torch.float64), atol=1e-6, rtol=0)  # a rotation (made in float32)
+    # a rotation (made in float32)
+    torch.testing.assert_close(w @ w.t(), torch.eye(6, dtype=torch.float64), atol=1e-6, rtol=0)
     with torch.no_grad():
         layer.log_s.add_(torch.randn(6, dtype=torch.float64) * 0.5)
         layer.upper.add_(torch.randn(6, 6, dtype=torch.float64))
@@ -148,7 +149,8 @@ def test_hidden_for_parameter_count_matches_a_residual_flow():
     resflow = ResidualFlow(in_shape=(1, 8, 8), n_blocks=2, hidden=32, n_scales=2)
     target = parameter_count(resflow)
     hidden = hidden_for_parameter_count(target, (1, 8, 8), n_steps=4, n_scales=2)
-    counts = {h: parameter_count(GlowFlow((1, 8, 8), n_steps=4, hidden=h, n_scales=2)) for h in (hidden - 1, hidden, hidden + 1)}
+    counts = {h: parameter_count(GlowFlow((1, 8, 8), n_steps=4, hidden=h, n_scales=2))
+              for h in (hidden - 1, hidden, hidden + 1)}
     assert abs(counts[hidden] - target) == min(abs(n - target) for n in counts.values())
     assert abs(counts[hidden] / target - 1) < 0.05
 

@@ -222,7 +222,7 @@ def test_two_processes_equal_one_process_on_the_global_batch(runs):
     buffers = [k for k in r0 if k.endswith((".u", ".v", ".sigma"))]
     assert len(buffers) == 3 * 2 * 3  # 3 normalised layers x 2 blocks x (u, v, sigma)
     print(f"\n[ddp] max |1 process - 2 processes| over {len(single)} tensors: {max(diffs.values()):.3e}")
-    for r, res in enumerate(runs["ranks"]):
+    for res in runs["ranks"]:
         assert res["ddp3"]["global_step"] == STEPS
     # ... while the estimators' random draws (Hutchinson probes, roulette) differ between ranks
     assert runs["ranks"][0]["ddp3"]["random_draw"] != runs["ranks"][1]["ddp3"]["random_draw"]
@@ -316,6 +316,12 @@ def test_toy_stream_gives_every_rank_its_own_points():
     assert not torch.equal(_toy_epoch(6, epoch=1)[0][0], single[0][0])
 
 
+# torch >= 2.13 renamed DDP's broadcast_buffers (deprecated, it warns) to forward_sync_buffers
+_SYNC_BUFFERS = ("forward_sync_buffers" if "forward_sync_buffers" in
+                 __import__("inspect").signature(torch.nn.parallel.DistributedDataParallel).parameters
+                 else "broadcast_buffers")
+
+
 def test_ddp_trainer_configs():
     from lightning.pytorch.strategies import DDPStrategy
 
@@ -324,7 +330,7 @@ def test_ddp_trainer_configs():
     for name in ("ddp", "multinode"):
         kw = _trainer_kwargs(load_config([f"trainer={name}", "trainer.accelerator=gpu"]))
         assert isinstance(kw["strategy"], DDPStrategy) and kw["sync_batchnorm"] is True
-        assert kw["strategy"]._ddp_kwargs == {"find_unused_parameters": False, "broadcast_buffers": True}
+        assert kw["strategy"]._ddp_kwargs == {"find_unused_parameters": False, _SYNC_BUFFERS: True}
         assert kw["strategy"]._start_method == "popen"
     assert _trainer_kwargs(load_config(["trainer=multinode"]))["num_nodes"] == 2
     # torch's SyncBatchNorm is GPU-only: off for CPU processes (else the classifier cannot run)

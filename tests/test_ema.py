@@ -113,7 +113,7 @@ def test_the_spectral_norms_follow_the_averaged_weights(tmp_path):
     print(f"\napplied operator norm / c in validation: with the power iterations after the swap "
           f"{worst['ours']:.6f}, without {worst['plain']:.6f}")
     assert worst["ours"] <= 1 + 1e-4
-    for applied, coeff, sigma, exact in norms["ours"]:
+    for _applied, _coeff, sigma, exact in norms["ours"]:
         assert sigma == pytest.approx(exact, rel=1e-3)
     assert worst["plain"] > worst["ours"]
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from iresflow import registry
 from iresflow.nn.activations import ELU, CLipSwish, Identity, LipSwish
+from iresflow.nn.conv_bound import EXACT_MAX_DIM, circular_conv_norm
 from iresflow.nn.lipschitz import LIPSCHITZ_LAYERS, LipschitzConv2d, LipschitzLinear, update_lipschitz
 from iresflow.nn.residual import ConvResidual, MLPResidual
 from iresflow.registry import factory
@@ -28,7 +29,8 @@ def _conv_operator_norm(layer: LipschitzConv2d) -> float:
     def op(x):
         return F.conv2d(x.view(1, c, h, w), weight, None, layer.stride, layer.padding).flatten()
 
-    return spectral_norm(torch.autograd.functional.jacobian(op, torch.zeros(c * h * w, dtype=weight.dtype), vectorize=True))
+    jacobian = torch.autograd.functional.jacobian(op, torch.zeros(c * h * w, dtype=weight.dtype), vectorize=True)
+    return spectral_norm(jacobian)
 
 
 def _inflate(module, factor=10.0):
@@ -48,9 +50,12 @@ def test_conv_operator_norm_is_coeff(stride, padding, size):
     # Soft scaling onto the bound: the operator norm of the normalised conv is c.
     operator = _conv_operator_norm(layer)
     assert operator == pytest.approx(0.7, rel=1e-4)
-    # the reported constant is a certified upper bound (the circular convolution's norm), never below
-    bound = layer.lipschitz_constant()
-    assert operator * (1 - 1e-9) <= bound == pytest.approx(_circular_operator_norm(layer), rel=1e-9)
+    # the reported constant is never below the operator norm: exact here (a small map is materialised)
+    assert layer.lipschitz_constant() == pytest.approx(operator, rel=1e-9)
+    # and the FFT bound used for large maps is the materialised circular convolution's norm
+    weight = layer.normalized_weight().detach()
+    assert circular_conv_norm(weight, layer.input_size, layer.padding) == pytest.approx(
+        _circular_operator_norm(layer), rel=1e-9)
 
 
 def _circular_operator_norm(layer: LipschitzConv2d) -> float:
@@ -72,14 +77,18 @@ def _circular_operator_norm(layer: LipschitzConv2d) -> float:
 
 
 def test_the_reported_conv_bound_is_above_the_operator_norm_and_tight_on_large_inputs():
-    """The circular bound is a bound at every size, and the border's excess shrinks as the input grows."""
+    """The circular bound is a bound at every size, and the border's excess shrinks as the input grows;
+    the reported constant is exact on small maps and the circular bound on large ones."""
     torch.manual_seed(3)
     excess = []
     for size in (4, 8, 16):
         layer = LipschitzConv2d(3, 4, 3, padding=1, input_size=(size, size), coeff=0.7).double()
-        operator, bound = _conv_operator_norm(layer), layer.lipschitz_constant()
-        assert operator * (1 - 1e-9) <= bound
-        excess.append(bound / operator - 1)
+        operator = _conv_operator_norm(layer)
+        circular = circular_conv_norm(layer.normalized_weight().detach(), (size, size), (1, 1))
+        assert operator * (1 - 1e-9) <= circular
+        excess.append(circular / operator - 1)
+        reported = layer.lipschitz_constant()
+        assert reported == pytest.approx(operator if 3 * size * size <= EXACT_MAX_DIM else circular, rel=1e-9)
     print(f"\n[conv bound] circular / zero-padded operator norm - 1 at 4x4, 8x8, 16x16: {excess}")
     assert excess[2] < excess[0] and excess[2] < 0.05
 

@@ -27,7 +27,8 @@ def _free_port() -> int:
 @pytest.mark.slow  # two torchrun launchers, each starting one training process: ~40 s
 def test_two_nodes_equal_one_process_on_the_global_batch(tmp_path):
     port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    path = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "SLURM_JOB_ID",
                 "SLURM_NTASKS"):
         env.pop(var, None)

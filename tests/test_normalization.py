@@ -67,7 +67,8 @@ def test_default_is_operator_and_results_are_unchanged():
         torch.manual_seed(0)
         nets.append(MLPResidual(3, hidden=(8, 8), coeff=0.8, normalization=norm))
     torch.manual_seed(0)
-    reference = [LipschitzLinear(3, 8, coeff=0.8 / 1.0), LipschitzLinear(8, 8, coeff=0.8), LipschitzLinear(8, 3, coeff=0.8)]
+    reference = [LipschitzLinear(3, 8, coeff=0.8 / 1.0), LipschitzLinear(8, 8, coeff=0.8),
+                 LipschitzLinear(8, 3, coeff=0.8)]
     for g in nets:
         layers = [m for m in g.net if isinstance(m, torch.nn.Linear)]
         assert [type(m) for m in layers] == [LipschitzLinear] * 3

@@ -124,10 +124,12 @@ def test_spectral_norm_stays_float32_under_autocast():
 def _residual(kind, activation, preact):
     torch.manual_seed(0)
     if kind == "mlp":
-        g = MLPResidual(3, (16, 16), activation=factory("activation", activation), coeff=0.9, n_iterations=0, preact=preact)
+        g = MLPResidual(3, (16, 16), activation=factory("activation", activation), coeff=0.9, n_iterations=0,
+                        preact=preact)
         x = torch.randn(5, 3)
     else:
-        g = ConvResidual(2, (6, 6), 4, activation=factory("activation", activation), coeff=0.9, n_iterations=0, preact=preact)
+        g = ConvResidual(2, (6, 6), 4, activation=factory("activation", activation), coeff=0.9, n_iterations=0,
+                         preact=preact)
         x = torch.randn(3, 2, 6, 6)
     with torch.no_grad():  # weights above the bound: the normalisation is active
         for m in g.modules():

@@ -58,7 +58,8 @@ def test_every_successor_experiment_trains_a_few_steps_on_cpu(experiment, tmp_pa
 
 
 def test_the_shrunk_models_are_what_the_recipes_build():
-    _, model, task = build_components(load_config(["experiment=idensenet_cifar10", *FAST, *SHRUNK["idensenet_cifar10"]]))
+    cfg = load_config(["experiment=idensenet_cifar10", *FAST, *SHRUNK["idensenet_cifar10"]])
+    _, model, task = build_components(cfg)
     assert {type(b.g).__name__ for b in model.blocks} == {"DenseConvResidual", "DenseMLPResidual"}
     assert task.ema_decay == 0.999
     _, model, _ = build_components(load_config(["experiment=resflow_cifar10", *FAST, *SHRUNK["resflow_cifar10"]]))

@@ -17,10 +17,10 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from iresflow.config import load_config
 from iresflow.run import train
@@ -209,7 +209,7 @@ def test_a_job_array_sweep_survives_a_cancelled_task_and_a_partial_resubmit(clus
     assert summary.count("finished") >= 3
     # every run ends exactly where an uninterrupted run of its settings ends
     for folder in sweep_dir.glob("*/"):
-        coeff = json.loads(json.dumps(__import__("yaml").safe_load((folder / "config.yaml").read_text())))["model"]["coeff"]
+        coeff = yaml.safe_load((folder / "config.yaml").read_text())["model"]["coeff"]
         ref = _reference(plugin_dir, tmp_path_factory, f"model.coeff={coeff}")
         assert max_difference(folder / "checkpoints" / "last.ckpt", ref) == 0.0, folder.name
     print(f"\n[slurm] job array: task 1 cancelled while {first_run.get('folder', Path('?')).name} trained; statuses "

@@ -161,8 +161,8 @@ def test_bayes_and_bad_specs_error_clearly(fake, capsys):
 
 def test_render_command_macros(monkeypatch):
     monkeypatch.setenv("SWEEP_TEST_VAR", "hello")
-    spec = {"program": "train.py", "command": ["${env}", "${interpreter}", "${program}", "--tag=${envvar:SWEEP_TEST_VAR}",
-                                               "${args}"]}
+    spec = {"program": "train.py",
+            "command": ["${env}", "${interpreter}", "${program}", "--tag=${envvar:SWEEP_TEST_VAR}", "${args}"]}
     cmd = render_command(spec, {"a": 1, "flag": False}, interpreter="py")
     assert cmd[1:] == ["py", "train.py", "--tag=hello", "--a=1", "--flag=False"]
     assert render_command({"command": ["x", "${args_no_boolean_flags}"]}, {"f": True, "g": False}) == ["x", "--f"]

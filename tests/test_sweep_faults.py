@@ -256,7 +256,8 @@ def test_stopping_the_sweep_stops_every_run_and_its_group(tmp_path, sig, code):
         assert [(a["status"], a["exit_code"]) for a in attempts] == [("interrupted", said["exit_code"])]
     assert set(sweep.summary().values()) == {"interrupted"}
     md = (sweep.out / "summary.md").read_text()
-    assert "## Interrupted runs" in md and f"interrupted (exit {said['exit_code']})" in md and "## Failed runs" not in md
+    assert "## Interrupted runs" in md and f"interrupted (exit {said['exit_code']})" in md
+    assert "## Failed runs" not in md
     if sig != signal.SIGTERM:
         return
 

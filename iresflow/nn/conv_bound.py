@@ -11,14 +11,21 @@ projection again). So
 where ``K_hat(omega)`` is the ``c_out x c_in`` matrix of the kernel's 2D DFT at frequency
 ``omega`` (a circular convolution is block-diagonalised by the DFT). The bound is exact
 for circular padding and slightly above the zero-padded norm (the border), and it is a
-bound: it never under-reports, unlike a power-iteration estimate.
+bound: it never under-reports, unlike a power-iteration estimate. On small maps the border
+dominates and the bound is loose (measured on trained digits classifiers: 1.03x at 8x8,
+1.10-1.13x at 4x4, 1.5x at 2x2), so :func:`conv_operator_bound` materialises small operators
+and takes their norm exactly instead.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["circular_conv_norm"]
+__all__ = ["circular_conv_norm", "conv_operator_bound", "EXACT_MAX_DIM"]
+
+#: operators with at most this many input dimensions are materialised and their norm taken exactly
+#: (float64 SVD, ~0.2 s at 512): the circular bound is loose on small maps (1.5x at 2x2)
+EXACT_MAX_DIM = 512
 
 
 @torch.no_grad()
@@ -32,3 +39,18 @@ def circular_conv_norm(weight: torch.Tensor, input_size: tuple[int, int], paddin
     spectrum = torch.fft.fft2(w, s=(n_h, n_w))               # [out, in, n_h, n_w]
     per_frequency = spectrum.permute(2, 3, 0, 1).reshape(-1, w.shape[0], w.shape[1])
     return float(torch.linalg.matrix_norm(per_frequency, ord=2).max())
+
+
+@torch.no_grad()
+def conv_operator_bound(weight: torch.Tensor, input_size: tuple[int, int], stride: tuple[int, int],
+                        padding: tuple[int, int]) -> float:
+    """The operator norm of ``conv2d(., weight, stride, padding)`` on inputs of ``input_size``, never below
+    it: exact (float64 SVD of the materialised operator) when its input has at most :data:`EXACT_MAX_DIM`
+    dimensions, else :func:`circular_conv_norm`."""
+    c_in, (h, w) = weight.shape[1], (int(input_size[0]), int(input_size[1]))
+    if c_in * h * w > EXACT_MAX_DIM:
+        return circular_conv_norm(weight, input_size, padding)
+    k = weight.detach().double()
+    eye = torch.eye(c_in * h * w, dtype=torch.float64, device=k.device).view(-1, c_in, h, w)
+    columns = torch.nn.functional.conv2d(eye, k, None, tuple(stride), tuple(padding)).flatten(1)
+    return float(torch.linalg.matrix_norm(columns, ord=2))

@@ -37,7 +37,8 @@ def top_singular_pair(op: Callable[[torch.Tensor], torch.Tensor], op_t: Callable
     betas: list[torch.Tensor] = []
     theta, s = None, None
     steps = 0
-    for steps in range(1, max_steps + 1):
+    while steps < max_steps:
+        steps += 1
         w = op_t(op(basis[-1].view(shape))).reshape(-1)
         alphas.append(torch.dot(w, basis[-1]))
         stacked = torch.stack(basis, 1)

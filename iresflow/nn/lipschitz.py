@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from iresflow.nn.conv_bound import circular_conv_norm
+from iresflow.nn.conv_bound import conv_operator_bound
 from iresflow.nn.lanczos import top_singular_pair as lanczos_top_pair
 from iresflow.nn.conv_ops import conv_forward, conv_input_grad, conv_strategy, conv_weight_grad
 
@@ -78,6 +78,11 @@ def paused_power_iteration():
 # Matrices with a side at most this long run fixed-count power iterations through
 # their Gram matrix (see _SpectralNorm._iterate_gram).
 _GRAM_MAX_DIM = 16
+
+
+def _kept_after_load(module: "_SpectralNorm", incompatible_keys) -> None:
+    """(A module-level function: the hook is pickled with the layer, e.g. into spawned processes.)"""
+    module.mark_kept()
 
 
 def _distributed() -> bool:
@@ -161,7 +166,7 @@ class _SpectralNorm:
         self.upkeep_tol = float(upkeep_tol)
         self._kept_version: int | None = None  # the weight's version the vectors were converged for
         # a loaded checkpoint's vectors belong to its weights (saved after the upkeep): nothing to redo
-        self.register_load_state_dict_post_hook(lambda module, _: module.mark_kept())
+        self.register_load_state_dict_post_hook(_kept_after_load)
 
     def mark_kept(self) -> None:
         """Declare the vectors converged for the current weight (after loading, or restoring, both)."""
@@ -582,17 +587,17 @@ class LipschitzConv2d(nn.Conv2d, _SpectralNorm):
         return conv_weight_grad(self.conv_strategy, self, self.u, self.v, w)
 
     def lipschitz_constant(self) -> float:
-        """A certified upper bound of the applied map's operator norm: the exact matrix norm for a
-        1x1 convolution; for a k x k one the norm of the circular convolution on the padded grid
-        (:mod:`iresflow.nn.conv_bound`), a few percent above the zero-padded operator's norm. NaN
-        before the first forward of a layer that learns its input size (nothing applied yet)."""
+        """The applied map's operator norm, never below it: the exact matrix norm for a 1x1 convolution;
+        for a k x k one the exact norm of the materialised operator when it is small, else the norm of
+        the circular convolution on the padded grid, a certified upper bound (:mod:`iresflow.nn.conv_bound`).
+        NaN before the first forward of a layer that learns its input size (nothing applied yet)."""
         with torch.no_grad():
             weight = self.normalized_weight()
             if self.is_matrix:
                 return float(torch.linalg.matrix_norm(weight.flatten(1).double(), ord=2))
             if self.input_size is None:
                 return math.nan
-            return circular_conv_norm(weight, self.input_size, self.padding)
+            return conv_operator_bound(weight, self.input_size, self.stride, self.padding)
 
     def weight_for(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_matrix:

@@ -75,7 +75,7 @@ def _plot(results: dict, grid: torch.Tensor, path, settings: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4.2), sharey=True)
-    colours = plt.cm.viridis((grid.flatten() + 2) / 4)
+    colours = plt.cm.viridis(((grid.flatten() + 2) / 4).numpy())  # an array: a tensor warns in matplotlib
     for ax, (label, res) in zip(axes, results.items()):
         traj = torch.stack([t.flatten() for t in res["paths"]]).numpy()  # [depth + 1, points]
         depth = range(traj.shape[0])
@@ -106,7 +106,8 @@ def run(ctx: Context) -> dict:
             traj = paths(blocks, grid)
         pairs = crossing_pairs(traj)
         n = s["grid"]
-        row = {"model": label, "final_loss": loss, "crossing_pairs": pairs, "crossing_fraction": pairs / (n * (n - 1) / 2),
+        row = {"model": label, "final_loss": loss, "crossing_pairs": pairs,
+               "crossing_fraction": pairs / (n * (n - 1) / 2),
                "lipschitz_max": max(b.lipschitz_bound() for b in blocks)}
         results[label] = {"paths": traj, "row": row}
         rows.append(row)

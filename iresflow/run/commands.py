@@ -1,5 +1,5 @@
 """The ``iresflow`` command line: ``train``, ``eval``, ``sample``, ``sweep``, ``reproduce``, ``registry list``,
-``config show``; :func:`main` returns the exit code (:mod:`iresflow.run.errors`).
+``config show`` / ``config init``; :func:`main` returns the exit code (:mod:`iresflow.run.errors`).
 
 An error is one line on stderr (``error: ...``) with the exit code it means; a traceback
 only for what is not a known kind of failure, or when asked (``--debug`` or
@@ -87,8 +87,12 @@ def parser() -> argparse.ArgumentParser:
     rl.add_argument("kind", nargs="?", help="activation, residual, solver, estimator, optimizer, model, task, data")
     rl.add_argument("--plugins", nargs="*", default=[], help="extra plugin folders")
 
-    c = sub.add_parser("config", help="show the composed config", formatter_class=FMT,
-                       description="config show [overrides]: print the resolved config of a run.")
+    c = sub.add_parser("config", help="show the composed config, or copy the shipped configs to edit",
+                       formatter_class=FMT,
+                       description="config show [overrides]: print the resolved config of a run.\n"
+                                   "config init DIR: copy the shipped configs into DIR (existing files are "
+                                   "kept unless --force); then use them with --config-dir DIR or "
+                                   "IRESFLOW_CONFIG_DIR=DIR.")
     c_sub = c.add_subparsers(dest="action", metavar="ACTION")
     c_sub.required = True
     cs = c_sub.add_parser("show", help="print the resolved config")
@@ -170,7 +174,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     ckpt = args.ckpt or found.get("ckpt")
     n = _number("n", args.n if args.n is not None else found.get("n", "64"), int)
     temperature = _number("temperature", found.get("temperature", "1.0"), float)
-    seed = _number("seed", found["seed"], int) if "seed" in found else None
+    seed = int(_number("seed", found["seed"], int)) if "seed" in found else None
     if n < 1:
         raise ConfigError(f"n={n}: the number of samples must be at least 1 (e.g. n=64)")
     if not ckpt:
@@ -245,7 +249,7 @@ COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample, "regi
 
 # --------------------------------------------------------------------------- errors
 
-def _one_line(text: str) -> str:
+def _one_line(text: object) -> str:
     return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 

@@ -6,8 +6,9 @@ looks at it; under DDP the ranks first agree (one all-reduce of the signal numbe
 signal to any rank stops all of them, at the same batch). Stopping in training or
 validation writes ``last.ckpt`` there, every rank taking part (rank 0 writes); then
 :class:`~iresflow.run.errors.Stopped` ends the run. With ``requeue: true`` in a SLURM job
-(``SLURM_JOB_ID``; any batch script, ``srun`` or not) rank 0's ``Stopped`` carries the job to
-requeue, and the run layer calls :func:`requeue` after status.json, W&B and the lock are done. A signal that arrives before training
+(``SLURM_JOB_ID``; any batch script, ``srun`` or not) rank 0's ``Stopped`` carries the job
+to requeue, and the run layer calls :func:`requeue` after status.json, W&B and the lock are
+done. A signal that arrives before training
 (while the run is built) stops it at once: there is nothing to save yet.
 
 Why not Lightning's own SIGTERM and SLURM-requeue handlers: they talk to the other ranks

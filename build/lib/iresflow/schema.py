@@ -6,7 +6,12 @@ A key's accepted types come from, first to last:
    a key that takes several types, like ``model.hidden``: one width or a list of them);
 2. :data:`TRAINER_ARGUMENTS`: the types of lightning's ``Trainer`` arguments, for
    ``trainer.*`` (``tests/test_config.py`` checks the table against Lightning's signature);
-3. the value in the config files, when that is unambiguous: an integer takes integers, a
+3. the registry's part kinds: a key named after one (``model.activation``, ``model.prior``,
+   ``task.optimizer``, ``model.estimator.trace``) or ending in ``_<kind>`` (``task.eval_estimator``,
+   ``model.fc_residual``) takes a component: a name, a node ``{name: ..., **params}`` or a list
+   of them (one per scale), or ``null`` (the component's own default, where it has one).
+   The kinds are a plain list in :mod:`iresflow.registry`, known without importing torch;
+4. the value in the config files, when that is unambiguous: an integer takes integers, a
    float takes numbers, ``true``/``false`` takes booleans, a string takes text (a number
    typed for it is kept as its text), a list takes a list, a component node its name or a
    node. A ``null`` default takes anything.
@@ -22,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["Accepts", "KEY_TYPES", "TRAINER_ARGUMENTS", "TRAINER_SET_BY_IRESFLOW", "RENAMED", "accepts_for",
-           "check_value"]
+           "check_value", "component_kind"]
 
 _KIND_WORDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text",
                "list": "a list like [1, 2]", "dict": "a mapping of settings", "null": "null"}
@@ -64,16 +69,11 @@ KEY_TYPES: dict[str, Accepts] = {
     "data.image_size": A("list"),
     "model.hidden": A("int", "list"),                 # one width, or one per layer
     "model.actnorm": A("bool", words=("before", "after", "none")),  # where the ActNorms go (true: the default)
-    "model.block": A("str", "dict", "list", "null"),  # a block kind, or one per scale
-    "model.residual": A("str", "dict", "null"),       # null: mlp for vectors, conv for images
-    "model.fc_residual": A("str", "dict", "null"),    # null: an mlp of model.fc_hidden
     "model.fc_hidden": A("list"),
-    "model.prior": A("str", "dict", "null"),        # a prior: standard, learned, or a plugin's
     "model.padding_distribution": A(words=("uniform", "gaussian")),
     "model.logit_alpha": A("float", "null"),          # null: no logit transform
     "task.ema_decay": A("float", "null"),             # null: no EMA of the weights
     "task.head": A(words=("per_scale", "final")),
-    "task.eval_estimator": A("str", "dict", "null"),  # a registered estimator, or null: the model's own
     "task.milestones": A("list"),
     "logger.entity": A("str", "null"),
     "logger.group": A("str", "null"),
@@ -144,7 +144,21 @@ def accepts_for(key: str, default: Any = None, has_default: bool = False) -> Acc
     parts = key.split(".")
     if len(parts) == 2 and parts[0] == "trainer" and parts[1] in TRAINER_ARGUMENTS:
         return TRAINER_ARGUMENTS[parts[1]]
+    if component_kind(key) is not None:
+        return A("str", "dict", "list", "null")
     return _inferred(default) if has_default else None
+
+
+def component_kind(key: str) -> str | None:
+    """The registry kind of the component a config key holds (None: not a component key).
+
+    The top-level ``data`` / ``model`` / ``task`` nodes are chosen as config groups, not here.
+    """
+    from iresflow.registry import kind_of_parameter  # the registry module imports no torch
+
+    if key.startswith("trainer.") or "." not in key:
+        return None
+    return kind_of_parameter(key.rsplit(".", 1)[-1])
 
 
 def check_value(key: str, value: Any, accepts: Accepts | None, text: str | None = None) -> Any:

@@ -5,7 +5,8 @@ reached through ``torch.ops.mkldnn._linear_pointwise``, the op torch.compile's C
 backend uses for linear layers) ran the fused path's products about twice as fast on
 the machines we measured (e.g. ``[512, 128] @ [128, 128]``: 85 vs 175 us on an AMD EPYC
 core). It is used for float32 and bfloat16 products on CPU with every side at least
-``ONEDNN_MIN_DIM`` and enough work to pay for its set-up, outside autocast; everything else (float64, thin products, CUDA,
+``ONEDNN_MIN_DIM`` and enough work to pay for its set-up, outside autocast; everything else (float64, thin products,
+CUDA,
 autocast, a torch build without the op) takes the plain torch ops. The numbers are the
 same up to the order of the float32 sums.
 """

@@ -16,7 +16,8 @@ from torch import nn
 from iresflow.registry import register
 
 
-@register("activation", "groupsort", description="GroupSort: sort features in groups (1-Lipschitz, gradient-norm preserving)")
+@register("activation", "groupsort",
+          description="GroupSort: sort features in groups (1-Lipschitz, gradient-norm preserving)")
 class GroupSort(nn.Module):
     lipschitz = 1.0  # a permutation of the input, chosen per sample
     width_factor = 1

@@ -21,7 +21,7 @@ from torch import nn
 from iresflow.nn.block import InvertibleResidualBlock
 from iresflow.nn.layers import ActNorm
 from iresflow.nn.residual import ConvResidual, MLPResidual
-from iresflow.registry import instance
+from iresflow.registry import Factory, get, instance, missing_parameters
 
 __all__ = ["Stage", "Flattened", "BlockMaker", "ACTNORM_PLACES", "actnorm_place"]
 
@@ -118,11 +118,13 @@ class BlockMaker:
             else:
                 shape = {k: shape[k] for k in ("in_channels", "input_size", "hidden_channels", "kernel_sizes")}
             return default(**shape, **self.settings)
-        try:
-            return spec(**shape, **self.settings)
-        except TypeError as err:  # a residual function for the other kind of input
-            raise ValueError(f"the residual function {spec!r} cannot be built for {what} ({err}); vectors and "
-                             "fully connected blocks take mlp or dense_mlp, conv stages conv or dense_conv") from err
+        if isinstance(spec, Factory):  # a residual function for the other kind of input is bad input
+            missing = missing_parameters(get(spec.kind, spec.name).obj, [*shape, *self.settings, *dict(spec.params)])
+            if missing:
+                raise ValueError(f"the residual function {spec!r} cannot be built for {what} (it needs "
+                                 f"{', '.join(missing)}); vectors and fully connected blocks take mlp or "
+                                 "dense_mlp, conv stages conv or dense_conv")
+        return spec(**shape, **self.settings)
 
     def vector_residual(self, spec: Any, dim: int, hidden: Sequence[int]) -> nn.Module:
         return self._residual(spec, MLPResidual, f"{dim}-d vectors", dim=dim, hidden=list(hidden))

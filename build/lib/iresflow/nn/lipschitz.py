@@ -14,15 +14,28 @@ step suffice and checkpoints carry them. The forward uses
 so the optimiser sees the normalisation, and the soft scaling leaves layers
 already below ``c`` untouched.
 
-Iterations run (a) ``n_iterations`` times at every training forward and (b)
-on demand through :func:`update_lipschitz`, which the Lightning tasks call
-after each optimiser step and before evaluation: the user never has to.
+Power iteration estimates ``sigma`` from below and lags weights that move, so how the
+vectors are kept up with the weights (the *upkeep*) decides whether ``Lip <= c`` holds
+while training, not only after settling:
+
+- ``upkeep="converged"`` (default): whenever the weight has changed (an optimiser step,
+  a loaded checkpoint; seen through the tensor's version counter), the vectors are
+  iterated, warm-started, until the estimate of ``sigma`` changes by less than
+  ``upkeep_tol`` (relative). :func:`update_lipschitz`, which the tasks call right after
+  every optimiser step, does it there (so a checkpoint holds vectors that belong to its
+  weights); a training forward does it itself if nobody did (a plain PyTorch loop in one
+  process; under DDP the tasks' upkeep runs on every rank).
+  After any step, the map the next forward applies has norm ``c`` to the tolerance.
+- ``upkeep="power_iteration"``: the papers' scheme, kept for ablations: ``n_iterations``
+  fixed iterations at every training forward, plus the task's ``lipschitz_iterations``
+  after each step; the applied map can exceed ``c`` while the weights move fast.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 
 import torch
 import torch.distributed as dist
@@ -30,9 +43,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from iresflow.nn.conv_bound import circular_conv_norm
+from iresflow.nn.lanczos import top_singular_pair as lanczos_top_pair
 from iresflow.nn.conv_ops import conv_forward, conv_input_grad, conv_strategy, conv_weight_grad
 
-__all__ = ["LipschitzLinear", "LipschitzConv2d", "LIPSCHITZ_LAYERS", "update_lipschitz", "paused_power_iteration"]
+__all__ = ["LipschitzLinear", "LipschitzConv2d", "LIPSCHITZ_LAYERS", "UPKEEPS", "keep_up_lipschitz", "update_lipschitz",
+           "paused_power_iteration"]
+
+#: how the power-iteration vectors follow the weights (see the module notes)
+UPKEEPS = ("converged", "power_iteration")
 
 _EPS = 1e-12
 
@@ -59,6 +78,17 @@ def paused_power_iteration():
 # Matrices with a side at most this long run fixed-count power iterations through
 # their Gram matrix (see _SpectralNorm._iterate_gram).
 _GRAM_MAX_DIM = 16
+
+
+def _kept_after_load(module: "_SpectralNorm", incompatible_keys) -> None:
+    """(A module-level function: the hook is pickled with the layer, e.g. into spawned processes.)"""
+    module.mark_kept()
+
+
+def _distributed() -> bool:
+    """Several processes: there the tasks' upkeep after every step keeps the ranks' vectors identical (a
+    tensor's version counter, which the forward's own check reads, can differ between ranks)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _functorch_active() -> bool:
@@ -90,6 +120,18 @@ def _normalized_power(g: torch.Tensor, k: int) -> torch.Tensor | None:
     return result
 
 
+def _converged(change: float, last_change: float, tol: float) -> bool:
+    """Whether power iteration has converged to ``tol``: the estimates rise geometrically to sigma, so
+    with successive changes ``d_(k-1)``, ``d_k`` (ratio ``q``) what is still to come is about
+    ``d_k q / (1 - q)`` -- far more than ``d_k`` when the top singular values are close."""
+    if change == 0.0:
+        return True
+    if math.isinf(last_change):  # (one change alone says nothing about the rate)
+        return False
+    q = change / last_change
+    return q < 1.0 and change * q / (1.0 - q) <= tol
+
+
 class _SpectralNorm:
     """Power iteration and soft scaling shared by the two layers.
 
@@ -106,15 +148,84 @@ class _SpectralNorm:
     v: torch.Tensor
     sigma: torch.Tensor
 
-    def _init_spectral(self, coeff: float, n_iterations: int, tol: float | None, max_iterations: int):
+    def _init_spectral(self, coeff: float, n_iterations: int, tol: float | None, max_iterations: int,
+                       upkeep: str = "converged", upkeep_tol: float = 1e-5):
         if not coeff > 0:
             raise ValueError(f"coeff must be positive, got {coeff}")
         if n_iterations < 0 or max_iterations < 1:
             raise ValueError("n_iterations must be >= 0 and max_iterations >= 1")
+        if upkeep not in UPKEEPS:
+            raise ValueError(f"upkeep must be one of {', '.join(UPKEEPS)}, not {upkeep!r}")
+        if not 0 < float(upkeep_tol) < 1:
+            raise ValueError(f"upkeep_tol must lie in (0, 1), got {upkeep_tol}")
         self.coeff = float(coeff)
         self.n_iterations = int(n_iterations)
         self.tol = tol
         self.max_iterations = int(max_iterations)
+        self.upkeep = upkeep
+        self.upkeep_tol = float(upkeep_tol)
+        self._kept_version: int | None = None  # the weight's version the vectors were converged for
+        # a loaded checkpoint's vectors belong to its weights (saved after the upkeep): nothing to redo
+        self.register_load_state_dict_post_hook(_kept_after_load)
+
+    def mark_kept(self) -> None:
+        """Declare the vectors converged for the current weight (after loading, or restoring, both)."""
+        self._kept_version = self.weight._version
+
+    @property
+    def converges(self) -> bool:
+        return self.upkeep == "converged"
+
+    def keep_up(self, n_iterations: int | None = None) -> int:
+        """The upkeep after a change of the weight: converge the vectors (``converged``), or run
+        ``n_iterations`` fixed iterations (``power_iteration``). Returns how many ran."""
+        if self.converges:
+            done = self.top_singular_pair() if self._is_matrix_op() else self._lanczos()
+            self.mark_kept()
+            return done
+        return self.power_iteration(n_iterations)
+
+    @torch.no_grad()
+    def _lanczos(self) -> int:
+        """An operator's top singular pair by Lanczos (:mod:`iresflow.nn.lanczos`), warm-started from ``v``,
+        in float64, to the relative residual ``upkeep_tol``. Returns the number of Lanczos steps."""
+        self._redraw_vanished_vectors()
+        w = self.weight.detach().double()
+        if float(w.abs().max()) == 0.0:  # a zero map: nothing to normalise by
+            self.sigma.zero_()
+            return 1
+        sigma, u, v, steps = lanczos_top_pair(lambda x: self._op(x, w), lambda y: self._op_t(y, w),
+                                              self.v.double(), tol=self.upkeep_tol,
+                                              max_steps=min(self.max_iterations, 64))
+        self.u.copy_(u.view_as(self.u))
+        self.v.copy_(v.view_as(self.v))
+        self.sigma.copy_(sigma)
+        return steps
+
+    @torch.no_grad()
+    def top_singular_pair(self) -> int:
+        """A matrix's exact largest singular value and vectors into ``sigma``, ``u``, ``v`` (the top
+        eigenvector of the smaller Gram matrix, in float64): no lag and no tolerance, at the cost of
+        one small symmetric eigendecomposition. Returns 1 (one "iteration")."""
+        m = self.weight.detach().reshape(self.weight.shape[0], -1).double()
+        if m.shape[1] <= m.shape[0]:
+            v = torch.linalg.eigh(m.t() @ m).eigenvectors[:, -1]
+            u = m @ v
+            sigma = u.norm()
+            u = u / sigma.clamp_min(_EPS)
+        else:
+            u = torch.linalg.eigh(m @ m.t()).eigenvectors[:, -1]
+            v = m.t() @ u
+            sigma = v.norm()
+            v = v / sigma.clamp_min(_EPS)
+        if float(sigma) <= _EPS:  # a zero matrix: any unit vectors (sigma 0 normalises nothing)
+            self._redraw_vanished_vectors()
+            self.sigma.zero_()
+            return 1
+        self.u.copy_(u.view_as(self.u))
+        self.v.copy_(v.view_as(self.v))
+        self.sigma.copy_(sigma)
+        return 1
 
     @torch.no_grad()
     def power_iteration(self, n_iterations: int | None = None, tol: float | None = None) -> int:
@@ -137,6 +248,7 @@ class _SpectralNorm:
     def _iterate(self, w: torch.Tensor, n_iterations: int, tol: float | None) -> int:
         if n_iterations <= 0:
             return 0
+        self._redraw_vanished_vectors()
         u, v = self.u, self.v
         if self._is_matrix_op():
             # A dense map (or 1x1 conv): plain matrix-vector products, fewest ops per step.
@@ -158,6 +270,7 @@ class _SpectralNorm:
                 return self._op_t(x, w)
         norm = torch.linalg.vector_norm
         prev = self.sigma.item() if tol is not None else 0.0
+        last_change = math.inf
         # Between iterations only the directions matter: with a fixed count, u is renormalised
         # every third iteration (it grows by about sigma^2 per iteration: for sigma within
         # [1e-3, 1e3] three iterations stay far from float32's range).
@@ -179,9 +292,11 @@ class _SpectralNorm:
             # Only a tolerance needs the value on the host (a GPU sync per iteration).
             if tol is not None:
                 new = sigma.item()
-                if abs(new - prev) <= tol * max(new, _EPS):
+                change = abs(new - prev)
+                if _converged(change, last_change, tol * max(new, _EPS)):
                     break
-                prev = new
+                # the first change also holds the weights' move since the stored estimate: not a rate
+                prev, last_change = new, (change if done > 1 else math.inf)
         # In-place copies keep the buffers shared with DDP's broadcast and state_dict.
         self.u.copy_(u)
         self.v.copy_(v)
@@ -210,6 +325,17 @@ class _SpectralNorm:
         self.v.copy_(v)
         self.sigma.copy_(sigma)
         return n_iterations
+
+    @torch.no_grad()
+    def _redraw_vanished_vectors(self) -> None:
+        """A zero weight (a block initialised as the identity) maps every vector to 0: iterating on it
+        leaves ``u = v = 0``, which would normalise nothing once the weight moves. Such vectors are
+        drawn again, from a generator seeded by their shape (every DDP rank draws the same)."""
+        for name in ("u", "v"):
+            t = getattr(self, name)
+            if t.numel() and float(t.norm()) <= _EPS:
+                gen = torch.Generator().manual_seed(1 + t.numel())
+                t.copy_(_normalize(torch.randn(t.shape, generator=gen, dtype=t.dtype)).to(t.device))
 
     def _is_matrix_op(self) -> bool:
         return True
@@ -240,18 +366,27 @@ class _SpectralNorm:
         """``d<u, W v>/dW`` (the vectors held constant)."""
         return torch.outer(self.u, self.v).view_as(w)
 
-    def lipschitz_constant(self) -> float:
-        """Operator norm of the normalised weight, ``min(sigma, coeff)`` by the current estimate."""
-        with torch.no_grad():
-            return min(float(self.spectral_norm()), self.coeff)
-
     def _maybe_iterate(self) -> None:
-        if self.training and self.n_iterations > 0 and torch.is_grad_enabled() and not _PAUSED.get():
+        if not (self.training and torch.is_grad_enabled()) or _PAUSED.get():
+            return
+        if self.converges:
+            if self.weight._version != self._kept_version and not _distributed():
+                self.keep_up()  # moved since the last upkeep (a loop without the tasks): converge first
+        elif self.n_iterations > 0:
             self._iterate_in_forward()
 
     def _iterate_in_forward(self) -> None:
         """The training forward's power iterations: the vectors the normalisation divides by."""
         self.power_iteration(self.n_iterations, tol=self.tol)
+
+    def _converge_at_start(self) -> None:
+        """At construction (and when a convolution learns its input size): vectors converged to the
+        initial weight, in either upkeep."""
+        if self.converges:
+            self.keep_up()
+        else:
+            self.power_iteration(self.max_iterations, tol=1e-4)
+            self.mark_kept()
 
     def weight_for(self, x: torch.Tensor) -> torch.Tensor:
         """The weight that ``forward(x)`` applies: runs the training-time power
@@ -325,14 +460,15 @@ class LipschitzLinear(nn.Linear, _SpectralNorm):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, coeff: float = 0.97,
-                 n_iterations: int = 1, tol: float | None = None, max_iterations: int = 200):
+                 n_iterations: int = 1, tol: float | None = None, max_iterations: int = 200,
+                 upkeep: str = "converged", upkeep_tol: float = 1e-5):
         super().__init__(in_features, out_features, bias=bias)
-        self._init_spectral(coeff, n_iterations, tol, max_iterations)
+        self._init_spectral(coeff, n_iterations, tol, max_iterations, upkeep, upkeep_tol)
         self.register_buffer("u", _normalize(torch.randn(out_features)))
         self.register_buffer("v", _normalize(torch.randn(in_features)))
         self.register_buffer("sigma", torch.zeros(()))
-        # Start close to the true norm, so that the first steps are already constrained.
-        self.power_iteration(max_iterations, tol=1e-4)
+        # Start at the true norm, so that the first steps are already constrained.
+        self._converge_at_start()
 
     def _op(self, v, w):
         return w @ v
@@ -368,17 +504,19 @@ class LipschitzConv2d(nn.Conv2d, _SpectralNorm):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  bias: bool = True, *, input_size: tuple[int, int] | None = None, coeff: float = 0.97,
-                 n_iterations: int = 1, tol: float | None = None, max_iterations: int = 200):
+                 n_iterations: int = 1, tol: float | None = None, max_iterations: int = 200,
+                 upkeep: str = "converged", upkeep_tol: float = 1e-5):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
         if self.groups != 1 or self.dilation != (1, 1) or isinstance(self.padding, str):
             raise ValueError("LipschitzConv2d supports groups=1, dilation=1 and integer padding")
-        self._init_spectral(coeff, n_iterations, tol, max_iterations)
+        self._init_spectral(coeff, n_iterations, tol, max_iterations, upkeep, upkeep_tol)
         self.is_matrix = self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
         self.conv_strategy = conv_strategy(self)
         self.register_buffer("sigma", torch.zeros(()))
         self.input_size: tuple[int, int] | None = None
         if self.is_matrix:
             self._set_vectors(torch.randn(in_channels), torch.randn(out_channels))
+            self._converge_at_start()  # (like the dense and k x k layers: never the raw weight)
         elif input_size is not None:
             self._init_operator(tuple(input_size))
         else:
@@ -409,7 +547,7 @@ class LipschitzConv2d(nn.Conv2d, _SpectralNorm):
             # that follow are deterministic on the same weights, so the ranks stay equal.
             for t in (self.u, self.v):
                 dist.broadcast(t, src=0)
-        self.power_iteration(self.max_iterations, tol=1e-4)
+        self._converge_at_start()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A layer whose input size was inferred lazily must accept saved vectors of any size.
@@ -448,6 +586,19 @@ class LipschitzConv2d(nn.Conv2d, _SpectralNorm):
             return torch.outer(self.u, self.v).view_as(w)
         return conv_weight_grad(self.conv_strategy, self, self.u, self.v, w)
 
+    def lipschitz_constant(self) -> float:
+        """A certified upper bound of the applied map's operator norm: the exact matrix norm for a
+        1x1 convolution; for a k x k one the norm of the circular convolution on the padded grid
+        (:mod:`iresflow.nn.conv_bound`), a few percent above the zero-padded operator's norm. NaN
+        before the first forward of a layer that learns its input size (nothing applied yet)."""
+        with torch.no_grad():
+            weight = self.normalized_weight()
+            if self.is_matrix:
+                return float(torch.linalg.matrix_norm(weight.flatten(1).double(), ord=2))
+            if self.input_size is None:
+                return math.nan
+            return circular_conv_norm(weight, self.input_size, self.padding)
+
     def weight_for(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_matrix:
             size = tuple(x.shape[-2:])
@@ -469,18 +620,26 @@ class LipschitzConv2d(nn.Conv2d, _SpectralNorm):
 LIPSCHITZ_LAYERS = (LipschitzLinear, LipschitzConv2d)
 
 
-def update_lipschitz(module: nn.Module, n_iterations: int | None = None, tol: float | None = None) -> int:
-    """Run power iterations on every spectrally normalised layer inside ``module``.
-
-    Called by the tasks after each optimiser step (and before evaluation), so
-    the vectors track the weights. A convolution whose input size is not known
-    yet (before its first forward) is skipped. Returns the largest number of
-    iterations a layer ran.
-    """
-    most = 0
+def _layers(module: nn.Module):
+    """The normalised layers of ``module`` that can iterate (a convolution whose input size is not
+    known yet, before its first forward, cannot)."""
     for m in module.modules():
         if isinstance(m, LipschitzConv2d) and not m.is_matrix and m.input_size is None:
             continue
         if isinstance(m, LIPSCHITZ_LAYERS):
-            most = max(most, m.power_iteration(n_iterations, tol=tol))
-    return most
+            yield m
+
+
+def keep_up_lipschitz(module: nn.Module, n_iterations: int | None = None) -> int:
+    """The upkeep of every normalised layer of ``module`` after its weights changed: each converges its
+    vectors (``upkeep="converged"``) or runs ``n_iterations`` power iterations (``"power_iteration"``).
+    The tasks call it right after every optimiser step and before evaluations. Returns the largest
+    number of iterations a layer ran."""
+    return max((m.keep_up(n_iterations) for m in _layers(module)), default=0)
+
+
+def update_lipschitz(module: nn.Module, n_iterations: int | None = None, tol: float | None = None) -> int:
+    """Run power iterations on every spectrally normalised layer inside ``module`` (``n_iterations``,
+    or until the estimate converges to ``tol``), whatever their upkeep. Returns the largest number of
+    iterations a layer ran."""
+    return max((m.power_iteration(n_iterations, tol=tol) for m in _layers(module)), default=0)

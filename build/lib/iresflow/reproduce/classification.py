@@ -29,7 +29,8 @@ def sweep_runs(folder: Path) -> list[dict]:
         model = cfg["model"]
         norm = model.get("normalization") or {"name": "operator"}
         out.append({"normalization": norm.get("name") if isinstance(norm, dict) else str(norm),
-                    "coeff": float(model["coeff"]), "metrics": read_json(metrics_file), "run": metrics_file.parent.name})
+                    "coeff": float(model["coeff"]), "metrics": read_json(metrics_file),
+                    "run": metrics_file.parent.name})
     return out
 
 
@@ -41,7 +42,8 @@ def _plot(rows: list[dict], path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     constrained = [r for r in rows if r["model"] != "Vanilla"]
-    ax.plot([r["coeff"] for r in constrained], [r["test_error_pct"] for r in constrained], "o-", label="i-ResNet (ours)")
+    ax.plot([r["coeff"] for r in constrained], [r["test_error_pct"] for r in constrained], "o-",
+            label="i-ResNet (ours)")
     for r in rows:
         if r["model"] == "Vanilla":
             ax.axhline(r["test_error_pct"], color="C1", ls="--", label="Vanilla (ours)")

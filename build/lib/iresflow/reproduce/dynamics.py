@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from iresflow.nn.activations import ELU
-from iresflow.nn.lipschitz import update_lipschitz
+from iresflow.nn.lipschitz import keep_up_lipschitz, update_lipschitz
 from iresflow.nn.normalization import NoNormalization, OperatorNormalization
 from iresflow.nn.residual import MLPResidual
 from iresflow.reproduce.common import Context
@@ -62,7 +62,7 @@ def _train(blocks: nn.ModuleList, x, targets, settings: dict) -> float:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        update_lipschitz(blocks, 1)  # what the tasks do after each step (no-op for vanilla's report only)
+        keep_up_lipschitz(blocks, 1)  # what the tasks do after each step (no-op for vanilla's report only)
     blocks.eval()
     update_lipschitz(blocks, 20)
     return float(loss.detach())
@@ -75,7 +75,7 @@ def _plot(results: dict, grid: torch.Tensor, path, settings: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4.2), sharey=True)
-    colours = plt.cm.viridis((grid.flatten() + 2) / 4)
+    colours = plt.cm.viridis(((grid.flatten() + 2) / 4).numpy())  # an array: a tensor warns in matplotlib
     for ax, (label, res) in zip(axes, results.items()):
         traj = torch.stack([t.flatten() for t in res["paths"]]).numpy()  # [depth + 1, points]
         depth = range(traj.shape[0])
@@ -106,7 +106,8 @@ def run(ctx: Context) -> dict:
             traj = paths(blocks, grid)
         pairs = crossing_pairs(traj)
         n = s["grid"]
-        row = {"model": label, "final_loss": loss, "crossing_pairs": pairs, "crossing_fraction": pairs / (n * (n - 1) / 2),
+        row = {"model": label, "final_loss": loss, "crossing_pairs": pairs,
+               "crossing_fraction": pairs / (n * (n - 1) / 2),
                "lipschitz_max": max(b.lipschitz_bound() for b in blocks)}
         results[label] = {"paths": traj, "row": row}
         rows.append(row)

@@ -132,7 +132,8 @@ def paper_scale_note(ctx: Context, cpu_s: dict[str, float]) -> str:
     here = parameters([])
     there = parameters(list((paper.get("runs") or {}).get(m) or []))
     steps_here = int(load_config([f"experiment={ctx.run_command(m)[0]}", *ctx.run_command(m)[1]]).trainer.max_steps)
-    steps_there = next((int(a.split("=", 1)[1]) for a in paper.get("train") or [] if a.startswith("trainer.max_steps=")),
+    steps_there = next((int(a.split("=", 1)[1]) for a in paper.get("train") or []
+                        if a.startswith("trainer.max_steps=")),
                        steps_here)
     hours = cpu_s[m] * (there / here) * (steps_there / steps_here) / 3600
     return (f"the paper's scale (i-ResNet: {there:,} parameters, {steps_there:,} steps, against {here:,} and "

@@ -5,7 +5,9 @@ name and parameters and turns nested part nodes (``model.estimator``, ``task.opt
 into factories. The datamodule's facts (``dims``, ``data_kind``, ``n_bits``,
 ``num_classes``) are offered to the model and the task as defaults: each takes those
 its signature names. A value a component refuses (``coeff=1.5``, an unknown gradient mode)
-is bad input, reported with the node it came from.
+is bad input, reported with the node it came from: components refuse values with a
+``ValueError``. Any other error raised while building (a ``TypeError`` inside a constructor
+is a bug, not a bad setting) keeps its traceback.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ WANDB_ID_FILE = "wandb_run_id.txt"
 
 
 def _node(cfg_node: Any) -> dict[str, Any]:
-    return OmegaConf.to_container(cfg_node, resolve=True) if isinstance(cfg_node, DictConfig) else dict(cfg_node)
+    if isinstance(cfg_node, DictConfig):
+        return {str(k): v for k, v in OmegaConf.to_container(cfg_node, resolve=True).items()}  # type: ignore[union-attr]
+    return dict(cfg_node)
 
 
 def _build(kind: str, node: Any, **defaults: Any) -> Any:
@@ -38,7 +42,7 @@ def _build(kind: str, node: Any, **defaults: Any) -> Any:
         return registry.build_node(kind, node, **defaults)
     except registry.RegistryError as err:
         raise ConfigError(f"{kind}: {err}") from err
-    except (ValueError, TypeError) as err:  # a value the component refuses
+    except ValueError as err:  # a value the component refuses (a TypeError is a bug: its traceback is shown)
         raise ConfigError(f"{kind} {node.get('name')!r}: {err} (check the {kind}.* settings)") from err
 
 
@@ -120,7 +124,7 @@ def build_logger(cfg: DictConfig, out: Path, resuming: bool):
         job_type=node.pop("job_type", "train"), log_model=node.pop("log_model", False),
         save_dir=str(out), id=run_id, resume="allow", mode=mode, offline=mode == "offline", settings=settings,
         config=OmegaConf.to_container(cfg, resolve=True), **node)
-    logger.iresflow_run_id = run_id
+    logger.iresflow_run_id = run_id  # type: ignore[attr-defined]
     return logger
 
 
@@ -164,7 +168,9 @@ def build_strategy(node: dict[str, Any]):
     ``DDPStrategy`` (``ddp`` / ``ddp_spawn`` / ``ddp_fork``) whose other keys go to
     it and on to ``torch.nn.parallel.DistributedDataParallel``
     (``find_unused_parameters``, ``static_graph``, ``gradient_as_bucket_view``,
-    ``broadcast_buffers``, ``process_group_backend``; ``timeout`` in seconds).
+    ``forward_sync_buffers``, ``process_group_backend``; ``timeout`` in seconds).
+    ``forward_sync_buffers`` is torch >= 2.13's name for the deprecated ``broadcast_buffers``:
+    either name is passed on under the one the installed torch takes.
     A node with only a name is that name (``{name: auto}`` -> ``"auto"``).
     """
     node = dict(node)
@@ -183,8 +189,15 @@ def build_strategy(node: dict[str, Any]):
     from lightning.pytorch.strategies import DDPStrategy
     from torch.nn.parallel import DistributedDataParallel
 
-    accepted = ({"process_group_backend", "timeout", "model_averaging_period"}
-                | set(inspect.signature(DistributedDataParallel.__init__).parameters)) \
+    ddp_parameters = set(inspect.signature(DistributedDataParallel.__init__).parameters)
+    new_name, old_name = "forward_sync_buffers", "broadcast_buffers"
+    if new_name in node and old_name in node:
+        raise ConfigError(f"trainer.strategy: set {new_name} only ({old_name} is its deprecated name)")
+    if old_name in node and new_name in ddp_parameters:  # torch >= 2.13 warns about the old name
+        node[new_name] = node.pop(old_name)
+    elif new_name in node and new_name not in ddp_parameters:  # an older torch
+        node[old_name] = node.pop(new_name)
+    accepted = ({"process_group_backend", "timeout", "model_averaging_period"} | ddp_parameters) \
         - {"self", "module", "device_ids", "output_device", "process_group", "device_mesh"}
     for key in node:
         if key not in accepted:
@@ -195,6 +208,6 @@ def build_strategy(node: dict[str, Any]):
     if node.get("timeout") is not None:
         node["timeout"] = timedelta(seconds=float(node["timeout"]))
     try:
-        return DDPStrategy(start_method=DDP_START_METHODS[name], **node)
+        return DDPStrategy(start_method=DDP_START_METHODS[name], **node)  # type: ignore[arg-type]
     except TypeError as err:
         raise ConfigError(f"trainer.strategy: {err}") from err

@@ -62,6 +62,9 @@ class Stopped(BaseException):
                  resume: str | None = None):
         super().__init__(signum)
         self.signum, self.step, self.checkpoint, self.resume = int(signum), step, checkpoint, resume
+        self.requeue_job: str | None = None   # the SLURM job to requeue once the run has shut down
+        self.requeued: str | None = None      # the job requeued
+        self.announced = False                # the stop line was printed already (before a requeue)
 
     @property
     def exit_code(self) -> int:

@@ -10,7 +10,9 @@ another program: its start time differs). A stale lock is taken over by whoever 
 creates ``.lock.takeover`` (again with ``link``); that one alone removes the stale lock
 and takes its own, so of several processes racing for a stale lock exactly one wins and
 the others see a live owner. A lock held on another host cannot be checked from here:
-it is reported as busy, with what to delete if that job is known to be gone.
+it is reported as busy, with what to delete if that job is known to be gone -- except when
+its owner was this very SLURM job before it was requeued (the same job id, a lower
+``SLURM_RESTART_COUNT``): SLURM ends a job before requeueing it, so that owner is gone.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 
 from iresflow.run.errors import RunFolderBusy
 
-__all__ = ["LOCK_NAME", "Owner", "RunLock"]
+__all__ = ["LOCK_NAME", "Owner", "RunLock", "slurm_job_id"]
 
 LOCK_NAME = ".lock"
 TAKEOVER_NAME = ".lock.takeover"
@@ -39,6 +41,18 @@ def _process_start(pid: int) -> str | None:
     except OSError:
         return None
     return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name in (...) may hold spaces
+
+
+def slurm_job_id() -> str | None:
+    """This process's SLURM job (an array task is ``<array job>_<task>``), None outside SLURM."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return f"{array}_{task}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def _slurm_restart() -> int:
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
 
 
 def _running(pid: int) -> bool:
@@ -58,14 +72,22 @@ class Owner:
     pid_start: str | None
     started: str
     token: str
+    slurm_job: str | None = None   # the SLURM job (array task) and how often it had been requeued
+    slurm_restart: int = 0
 
     @classmethod
     def me(cls) -> "Owner":
         return cls(socket.gethostname(), os.getpid(), _process_start(os.getpid()),
-                   datetime.now().astimezone().isoformat(timespec="seconds"), uuid.uuid4().hex)
+                   datetime.now().astimezone().isoformat(timespec="seconds"), uuid.uuid4().hex,
+                   slurm_job_id(), _slurm_restart())
 
     def alive(self) -> bool:
-        """False only when it is certain the owner is gone (same host, pid not that process)."""
+        """False only when it is certain the owner is gone: same host and the pid is not that process,
+        or an earlier run of this very SLURM job (requeued since: SLURM ends a job before it requeues it,
+        and the requeued one may land on another node)."""
+        job = slurm_job_id()
+        if job is not None and self.slurm_job == job and _slurm_restart() > self.slurm_restart:
+            return False
         if self.host != socket.gethostname():
             return True
         if not _running(self.pid):
@@ -74,7 +96,8 @@ class Owner:
         return self.pid_start is None or start is None or start == self.pid_start
 
     def describe(self) -> str:
-        return f"pid {self.pid} on {self.host} since {self.started}"
+        job = f" (SLURM job {self.slurm_job})" if self.slurm_job else ""
+        return f"pid {self.pid} on {self.host}{job} since {self.started}"
 
 
 def _read(path: Path) -> Owner | None:

@@ -4,9 +4,11 @@ The handler only records the first signal (it decides the exit code: 130 for SIG
 otherwise). At the end of every training, validation and test batch, :class:`StopSignals`
 looks at it; under DDP the ranks first agree (one all-reduce of the signal number, so a
 signal to any rank stops all of them, at the same batch). Stopping in training or
-validation writes ``last.ckpt`` there, every rank taking part (rank 0 writes); with
-``requeue: true`` on SLURM, rank 0 then runs ``scontrol requeue`` for the job; then
-:class:`~iresflow.run.errors.Stopped` ends the run. A signal that arrives before training
+validation writes ``last.ckpt`` there, every rank taking part (rank 0 writes); then
+:class:`~iresflow.run.errors.Stopped` ends the run. With ``requeue: true`` in a SLURM job
+(``SLURM_JOB_ID``; any batch script, ``srun`` or not) rank 0's ``Stopped`` carries the job
+to requeue, and the run layer calls :func:`requeue` after status.json, W&B and the lock are
+done. A signal that arrives before training
 (while the run is built) stops it at once: there is nothing to save yet.
 
 Why not Lightning's own SIGTERM and SLURM-requeue handlers: they talk to the other ranks
@@ -19,9 +21,9 @@ and once Lightning has set its handlers up for a loop (``on_train_start``,
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,19 +31,31 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback
 
+from iresflow.run import early_signals
 from iresflow.run.errors import Stopped
+from iresflow.run.lock import slurm_job_id
 
-__all__ = ["StopSignals", "slurm_job_id"]
+__all__ = ["StopSignals", "slurm_job_id", "requeue"]
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
-def slurm_job_id() -> str | None:
-    """The job to requeue (an array task is ``<array job>_<task>``), None outside SLURM."""
-    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    if array and task:
-        return f"{array}_{task}"
-    return os.environ.get("SLURM_JOB_ID")
+def requeue(stop: Stopped) -> None:
+    """``scontrol requeue`` the SLURM job of ``stop`` -- the last thing a stopped run does (its checkpoint,
+    status.json, W&B and its lock are done): the requeue SIGTERMs the job at once. The stop line (how to
+    resume) is printed first, while the job's output is still collected; the requeue's own SIGTERM is
+    then ignored, so the process ends with its exit code 75 instead of dying."""
+    job = stop.requeue_job
+    print(f"{stop}; requeueing SLURM job {job}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    stop.announced = True
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    done = subprocess.run(["scontrol", "requeue", str(job)], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        print(f"scontrol requeue {job} failed ({done.returncode}): {(done.stderr or done.stdout).strip()}; "
+              "resubmit the job to resume it", file=sys.stderr, flush=True)
+    else:
+        stop.requeued = str(job)
 
 
 class StopSignals(Callback):
@@ -61,6 +75,12 @@ class StopSignals(Callback):
     def __enter__(self) -> "StopSignals":
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+        early = early_signals.take()  # a signal that came while the process was starting
+        if early is not None:
+            self.signum = early
+            if not self.training_started:
+                self.__exit__()
+                raise Stopped(early)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -99,10 +119,11 @@ class StopSignals(Callback):
             trainer.save_checkpoint(str(self.checkpoint), weights_only=False)  # the whole state, to resume
             self.saved = self.checkpoint
         job = slurm_job_id()
+        stop = Stopped(self.signum, trainer.global_step)
         if self.requeue and signum == signal.SIGUSR1 and job and trainer.is_global_zero:
-            subprocess.run(["scontrol", "requeue", job], check=False)
-            self.requeued = job
-        raise Stopped(self.signum, trainer.global_step)
+            # requeued by the run layer *last*: after status.json, W&B and the lock (requeue_job)
+            stop.requeue_job = job
+        raise stop
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._take_signals_back()

@@ -20,6 +20,8 @@ import json
 import math
 import os
 import shlex
+import signal
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -31,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from iresflow.config import ConfigError, load_config, to_yaml
 from iresflow.run.errors import EXIT_FAILED, RunFailed, Stopped
 from iresflow.run.folder import RunFolder
-from iresflow.run.lock import RunLock
+from iresflow.run.lock import RunLock, slurm_job_id
 from iresflow.run.paths import RESUME_ENV, RUN_DIR_ENV, Start, choose_checkpoint, rank, resolve_folder
 from iresflow.run.resume import describe_differences, differences
 
@@ -138,8 +140,15 @@ def train(cfg: DictConfig | Sequence[str] | None = None, *, command: Sequence[st
     if rank() > 0:
         return _Run(cfg, folder, command).run_other_rank()
     folder.create()
-    with RunLock(folder.path):
-        return _Run(cfg, folder, command).run()
+    try:
+        with RunLock(folder.path):
+            return _Run(cfg, folder, command).run()
+    except Stopped as stop:
+        if stop.requeue_job:  # the very last step: status.json, W&B and the lock are done
+            from iresflow.run.signals import requeue
+
+            requeue(stop)
+        raise
 
 
 class _Run:
@@ -161,7 +170,10 @@ class _Run:
                 checked = self._check()
         except Stopped as stop:
             self.folder.remove_if_created()
-            raise Stopped(stop.signum, resume=self.resume) from None
+            stopped = Stopped(stop.signum, resume=self.resume)
+            if self.cfg.get("requeue", False) and stop.signum == signal.SIGUSR1:
+                stopped.requeue_job = slurm_job_id()  # (the time limit's signal can come this early)
+            raise stopped from None
         except BaseException:
             self.folder.remove_if_created()  # a folder this start made goes with it; another is untouched
             raise
@@ -182,7 +194,7 @@ class _Run:
             with _for_other_ranks(folder.path.resolve(), start.checkpoint):
                 result = prepared.fit_and_test()
         except Stopped as stop:
-            message = str(stop)
+            message = str(stop) + (f"; requeueing SLURM job {stop.requeue_job}" if stop.requeue_job else "")
             folder.write_status("interrupted", self.attempt, message, stop.exit_code)
             raise
         except RunFailed as err:
@@ -263,7 +275,11 @@ class _Prepared:
                                   self.task.run_config)
         self.logger = build_logger(cfg, folder.path, resuming=start.checkpoint is not None)
         slurm = SLURMEnvironment.detect()
-        self.stop = StopSignals(folder.last_checkpoint, requeue=bool(cfg.get("requeue", False)) and slurm)
+        wants_requeue = bool(cfg.get("requeue", False))
+        if wants_requeue and slurm_job_id() is None and self.is_rank0:
+            print("requeue=true, but this is not a SLURM job (no SLURM_JOB_ID): a stop will checkpoint and exit "
+                  "75 without requeueing", file=sys.stderr, flush=True)
+        self.stop = StopSignals(folder.last_checkpoint, requeue=wants_requeue)
         every = cfg.get("checkpoint") or {}
         # the clock first: its batch-end hook runs before any checkpoint is written
         self.clock = TrainingClock()
@@ -329,7 +345,9 @@ class _Prepared:
                 self._finish_logger("failed")
                 signum = self.stop.signum or getattr(err, "signum", None) or 15
                 saved = self.stop.saved or (folder.last_checkpoint if folder.last_checkpoint.is_file() else None)
-                raise Stopped(signum, trainer.global_step, str(saved) if saved else None, self.run.resume) from None
+                stopped = Stopped(signum, trainer.global_step, str(saved) if saved else None, self.run.resume)
+                stopped.requeue_job = getattr(err, "requeue_job", None)
+                raise stopped from None
             except BaseException as err:
                 self._finish_logger("failed")
                 measured = {**flat_metrics(trainer.callback_metrics),

@@ -189,7 +189,8 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
     results = [now.get(r.run_id) or current_result(r) for r in runs]
     extra = [m.strip() for m in (args.metrics or "").split(",") if m.strip()]
     paths = write_summary(results, spec, out, extra_metrics=extra)
-    print(f"\nsummary: {paths['md']}\n         {paths['csv']}" + (f"\nplot:    {paths['png']}" if "png" in paths else ""))
+    print(f"\nsummary: {paths['md']}\n         {paths['csv']}"
+          + (f"\nplot:    {paths['png']}" if "png" in paths else ""))
     print(paths["md"].read_text().split("\n## ")[0])
     return _exit_code([r for r in results if in_shard(r.run, shard)], stopped_by)
 

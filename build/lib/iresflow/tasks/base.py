@@ -1,13 +1,14 @@
 """What every task shares: optimiser and schedule, Lipschitz upkeep, non-finite losses, diagnostics.
 
-The user never calls anything by hand: the normalised layers run their own
-``n_iterations`` power iterations at every training forward (the model's
-``n_iterations``), and the task adds ``lipschitz_iterations`` more right after every
-optimiser step, so the stored singular vectors keep up with the weights (and a
-checkpoint written after the step holds vectors and weights that belong together).
-One of each is the default: with the forward's iteration alone the estimate lagged
-behind Adam at lr 3e-3 (the toy default's certified bound reached 0.98 for
-c = 0.97; with both it stays at 0.93, c^3 = 0.913 plus the lag).
+The user never calls anything by hand: right after every optimiser step the task runs
+the normalised layers' upkeep (:func:`iresflow.nn.lipschitz.update_lipschitz`), before any
+callback may checkpoint, so the stored singular vectors belong to the new weights. With the
+default ``upkeep: converged`` each layer iterates them, warm-started, until its estimate of
+``sigma`` is converged (the map the next forward applies then has norm ``c`` to the
+tolerance: on the toy default the applied ``sigma / c`` reached 1.19 with the papers'
+one iteration per forward plus one per step); with ``upkeep: power_iteration`` (the papers'
+scheme, an ablation) it runs ``lipschitz_iterations`` fixed iterations on top of the
+model's ``n_iterations`` per training forward.
 
 Evaluation never changes training. Validation, test and the final pictures set the
 training's power-iteration state (every normalised layer's buffers) and random
@@ -138,6 +139,8 @@ def restore_lipschitz_state(state: list[tuple[nn.Module, dict[str, torch.Tensor 
                 layer._buffers[name] = saved
         if hasattr(layer, "input_size"):
             layer.input_size = input_size
+        if hasattr(layer, "mark_kept"):  # the training's vectors, for the training's weights (back in place)
+            layer.mark_kept()
 
 
 def _constrained(block: nn.Module) -> bool:
@@ -168,8 +171,9 @@ class IResTask(LightningModule):
         on a placeholder parameter when the task is built, so a bad value is reported then.
       scheduler ("none", "multistep", "cosine"), milestones (epochs), gamma,
       warmup_steps / warmup_epochs: the per-step learning-rate schedule.
-      lipschitz_iterations: power iterations after each optimiser step, on top of
-        the layers' own iterations in the training forward (0: those alone).
+      lipschitz_iterations: with the layers' ``upkeep: power_iteration``, power iterations after
+        each optimiser step, on top of their own in the training forward (0: those alone); the
+        default ``upkeep: converged`` iterates to convergence instead.
       lipschitz_eval_iterations: before validation / test / sampling.
       on_nonfinite: "raise" (stop, naming the step and the last good checkpoint)
         or "skip" (drop the batch, count it in ``train/skipped_batches``);
@@ -279,16 +283,11 @@ class IResTask(LightningModule):
 
     # ------------------------------------------------------------------ Lipschitz upkeep
     def update_lipschitz(self, n_iterations: int) -> None:
-        """Run ``n_iterations`` power iterations on every spectrally normalised layer."""
-        if n_iterations <= 0:
-            return
-        try:
-            from iresflow.nn.lipschitz import update_lipschitz
-        except ImportError:  # a model without Lipschitz layers from this package
-            for layer in _lipschitz_layers(self.model):
-                layer.power_iteration(n_iterations)
-            return
-        update_lipschitz(self.model, n_iterations=n_iterations)
+        """The normalised layers' upkeep: converge their vectors (``upkeep: converged``) or run
+        ``n_iterations`` power iterations (``upkeep: power_iteration``)."""
+        from iresflow.nn.lipschitz import keep_up_lipschitz
+
+        keep_up_lipschitz(self.model, n_iterations=n_iterations)
 
     def on_fit_start(self) -> None:
         # Lightning seeds every rank alike, so without this the Hutchinson probes and the

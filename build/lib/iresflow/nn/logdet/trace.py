@@ -34,7 +34,8 @@ import torch
 
 from iresflow.registry import register
 
-__all__ = ["Probes", "TraceEstimator", "probes_for", "uniform_probes", "Hutchinson", "ExactTrace", "HutchPlusPlus", "sample_probes", "PROBES"]
+__all__ = ["Probes", "TraceEstimator", "probes_for", "uniform_probes", "Hutchinson", "ExactTrace", "HutchPlusPlus",
+           "sample_probes", "PROBES"]
 
 PROBES = ("gaussian", "rademacher")
 Tensor = torch.Tensor
