@@ -96,10 +96,10 @@ def _normalization(spec: Any, coeff: float, **settings: Any) -> Normalization:
 def _scale_last_map(net: nn.Sequential, scale: float) -> None:
     """``W_L <- s W_L``, ``b_L <- s b_L`` on the last linear map of ``net`` (near-identity init).
 
-    A spectrally normalised map then re-estimates ``sigma(s W_L) = s sigma(W_L)`` from its
-    vectors. ``s = 0`` would leave power iteration nothing to iterate on (``W^T u = 0``
-    zeroes the vectors, and a zero estimate leaves the map unconstrained once it trains),
-    so a normalised map needs ``s > 0``; a tiny one such as 1e-3 serves the same purpose.
+    A map that tracks its norm by power iteration keeps its vectors and scales its estimate,
+    ``sigma(s W_L) = s sigma(W_L)``. ``s = 0`` would leave power iteration nothing to iterate
+    on (``W^T u = 0`` zeroes the vectors, and a zero estimate leaves the map unconstrained once
+    it trains), so such a map needs ``s > 0``; a tiny one such as 1e-3 serves the same purpose.
     """
     scale = float(scale)
     if scale == 1.0:
@@ -109,8 +109,8 @@ def _scale_last_map(net: nn.Sequential, scale: float) -> None:
         return
     power_iteration = getattr(last, "power_iteration", None)
     if not 0.0 <= scale <= 1.0 or (scale == 0.0 and power_iteration is not None):
-        raise ValueError(f"last_init_scale must lie in (0, 1] for a normalised map (0 only with "
-                         f"normalization: none), got {scale}; Residual Flows uses 1e-3")
+        raise ValueError(f"last_init_scale must lie in (0, 1] (power iteration cannot start from a zero "
+                         f"matrix), got {scale}; Residual Flows' zero_init is 1e-3")
     last.weight.mul_(scale)
     if last.bias is not None:
         last.bias.mul_(scale)
