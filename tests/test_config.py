@@ -190,4 +190,4 @@ def test_renamed_optimizer_keys_say_where_they_went():
         with pytest.raises(ConfigError, match=f"task.{key} is now task.optimizer.{key}"):
             load_config([f"task.{key}=1"])
     cfg = load_config(["task.optimizer=sgd"])  # switching the optimiser keeps what SGD accepts
-    assert dict(cfg.task.optimizer) == {"name": "sgd", "lr": 3e-3, "weight_decay": 0.0}
+    assert dict(cfg.task.optimizer) == {"name": "sgd", "lr": 3e-3, "weight_decay": 1e-5}
