@@ -117,6 +117,10 @@ def test_the_time_limit_signal_checkpoints_requeues_and_resumes_exactly(cluster,
     out, steps_file, log = tmp_path / "run", tmp_path / "steps.txt", tmp_path / "job.out"
     job_id = sbatch(TRAIN, _train_args(plugin_dir, out, steps_file, delay=0.6), "--time=1", "--signal=USR1@45",
                     log=log)
+    wait_for(lambda: int(job(job_id).get("Restarts", 0) or 0) >= 1, timeout=300, what="the job requeued by the run")
+    # the requeued job gets the same short limit and would be signalled again within its first seconds:
+    # give it time to finish (the scenario is the first stop, not how many a run can take)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=10"], check=True)
     record = wait_job(job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=300)
     assert record["JobState"] == "COMPLETED" and int(record["Restarts"]) >= 1, (record, log.read_text()[-3000:])
     text = log.read_text()
@@ -191,16 +195,16 @@ def test_a_job_array_sweep_survives_a_cancelled_task_and_a_partial_resubmit(clus
                 return True
         return False
 
-    wait_for(a_run_is_training, timeout=240, what="a sweep run with a checkpoint")
+    wait_for(a_run_is_training, timeout=420, what="a sweep run with a checkpoint")
     task = f"{array}_1"
     subprocess.run(["scancel", task], check=True)
     wait_job(task, ("CANCELLED", "FAILED", "COMPLETED"), timeout=120)
-    wait_job(f"{array}_0", ("COMPLETED", "FAILED", "CANCELLED"), timeout=400)
+    wait_job(f"{array}_0", ("COMPLETED", "FAILED", "CANCELLED"), timeout=600)
     statuses = {f.name: json.loads((f / "status.json").read_text())["status"] for f in sweep_dir.glob("*/")
                 if (f / "status.json").is_file()}
     assert "interrupted" in statuses.values() or len(statuses) < 3 or set(statuses.values()) == {"finished"}
     again = sbatch(SWEEP, [str(spec), str(sweep_dir)], "--array=1", log=log)  # a partial resubmit
-    record = wait_job(f"{again}_1", ("COMPLETED", "FAILED", "CANCELLED"), timeout=400)
+    record = wait_job(f"{again}_1", ("COMPLETED", "FAILED", "CANCELLED"), timeout=600)
     assert record["JobState"] == "COMPLETED", (tmp_path / "array_1.out").read_text()[-3000:]
     finals = {f.name: json.loads((f / "status.json").read_text())["status"] for f in sweep_dir.glob("*/")
               if (f / "status.json").is_file()}
