@@ -182,7 +182,8 @@ def test_a_job_array_sweep_survives_a_cancelled_task_and_a_partial_resubmit(clus
     fixed = [a for a in common if not a.startswith("output_dir=")]
     spec.write_text(json.dumps({"name": "coeff", "method": "grid",
                                 "parameters": {"model.coeff": {"values": [0.5, 0.7, 0.9]}},
-                                "command": ["${program}", *fixed]}))
+                                "command": ["${env}", "${interpreter}", "-m", "iresflow", "train", *fixed,
+                                            "${args_no_hyphens}"]}))
     sweep_dir = tmp_path / "sweep"
     log = tmp_path / "array_%a.out"
     array = sbatch(SWEEP, [str(spec), str(sweep_dir)], "--array=0-1", log=log)
