@@ -373,6 +373,18 @@ class _Prepared:
                            attempt=self.run.attempt)
 
     def _finish_logger(self, status: str, metrics: dict[str, float] | None = None) -> None:
+        try:
+            self._close_logger(status, metrics)
+        except (ConnectionError, BrokenPipeError) as err:
+            if status != "failed":  # (a finished run whose logger broke: a failure of its own)
+                raise
+            # A stop signal sent to the whole process group (scancel, a sweep stopping its run) also
+            # stops W&B's service process: what it wrote before stays in the run's wandb/ folder, and
+            # the stop must not turn into a failure because the logger cannot say goodbye.
+            print(f"warning: the logger could not be closed after the stop ({type(err).__name__}: {err}); "
+                  "its files hold what it wrote until then", file=sys.stderr, flush=True)
+
+    def _close_logger(self, status: str, metrics: dict[str, float] | None) -> None:
         logger = self.logger
         if logger is False:
             return

@@ -92,6 +92,33 @@ def _normalization(spec: Any, coeff: float, **settings: Any) -> Normalization:
     return norm
 
 
+@torch.no_grad()
+def _scale_last_map(net: nn.Sequential, scale: float) -> None:
+    """``W_L <- s W_L``, ``b_L <- s b_L`` on the last linear map of ``net`` (near-identity init).
+
+    A map that tracks its norm by power iteration keeps its vectors and scales its estimate,
+    ``sigma(s W_L) = s sigma(W_L)``. ``s = 0`` would leave power iteration nothing to iterate
+    on (``W^T u = 0`` zeroes the vectors, and a zero estimate leaves the map unconstrained once
+    it trains), so such a map needs ``s > 0``; a tiny one such as 1e-3 serves the same purpose.
+    """
+    scale = float(scale)
+    if scale == 1.0:
+        return
+    last = next((m for m in reversed(net) if isinstance(m, (nn.Linear, nn.Conv2d))), None)
+    if last is None:
+        return
+    power_iteration = getattr(last, "power_iteration", None)
+    if not 0.0 <= scale <= 1.0 or (scale == 0.0 and power_iteration is not None):
+        raise ValueError(f"last_init_scale must lie in (0, 1] (power iteration cannot start from a zero "
+                         f"matrix), got {scale}; Residual Flows' zero_init is 1e-3")
+    last.weight.mul_(scale)
+    if last.bias is not None:
+        last.bias.mul_(scale)
+    sigma = getattr(last, "sigma", None)
+    if isinstance(sigma, torch.Tensor):
+        sigma.mul_(scale)
+
+
 def _activation(spec: Any, default: type[nn.Module]) -> nn.Module:
     """A fresh activation from a factory (or a copy of a built one); ``None``: ``default()``."""
     act = default() if spec is None else instance(spec)
@@ -117,11 +144,15 @@ class MLPResidual(ResidualFunction):
         preact: start with an activation (as stacked Residual Flows blocks do).
         normalization: how the linear maps are made: a factory or a built
             :class:`~iresflow.nn.normalization.Normalization` (default ``operator``).
+        last_init_scale: factor ``s`` on the last linear map's initial weight and bias, so
+            that the block starts near the identity: ``g = s g_0`` to first order
+            (1: torch's default init; Residual Flows' ``zero_init`` is ``s = 1e-3``).
     """
 
     def __init__(self, dim: int, hidden: Sequence[int] = (128, 128), activation: Any = None,
                  coeff: float = 0.97, n_iterations: int = 1, tol: float | None = None,
-                 max_iterations: int = 200, preact: bool = False, normalization: Any = None):
+                 max_iterations: int = 200, preact: bool = False, normalization: Any = None,
+                 last_init_scale: float = 1.0):
         super().__init__()
         norm = _normalization(normalization, coeff, n_iterations=n_iterations, tol=tol,
                               max_iterations=max_iterations)
@@ -142,6 +173,7 @@ class MLPResidual(ResidualFunction):
                 width_in, lip_in = width_out * act.width_factor, act.lipschitz
         self.net = nn.Sequential(*layers)
         self.dim, self.coeff, self.normalization = int(dim), float(coeff), norm
+        _scale_last_map(self.net, last_init_scale)
 
 
 @register("residual", "conv", description="convolutional bottleneck g: k1 x k1 -> k2 x k2 -> k3 x k3 convs "
@@ -155,14 +187,14 @@ class ConvResidual(ResidualFunction):
             convolution depends on it (``None``: taken from the first forward).
         hidden_channels: channels of the two hidden feature maps.
         kernel_sizes: one odd kernel size per convolution (default 3, 1, 3).
-        activation, coeff, n_iterations, tol, max_iterations, preact, normalization: as
-            :class:`MLPResidual`.
+        activation, coeff, n_iterations, tol, max_iterations, preact, normalization,
+            last_init_scale: as :class:`MLPResidual`.
     """
 
     def __init__(self, in_channels: int, input_size: Sequence[int] | None = None, hidden_channels: int = 512,
                  kernel_sizes: Sequence[int] = (3, 1, 3), activation: Any = None, coeff: float = 0.97,
                  n_iterations: int = 1, tol: float | None = None, max_iterations: int = 200,
-                 preact: bool = True, normalization: Any = None):
+                 preact: bool = True, normalization: Any = None, last_init_scale: float = 1.0):
         super().__init__()
         norm = _normalization(normalization, coeff, n_iterations=n_iterations, tol=tol,
                               max_iterations=max_iterations)
@@ -190,3 +222,4 @@ class ConvResidual(ResidualFunction):
         self.net = nn.Sequential(*layers)
         self.in_channels, self.input_size, self.coeff = int(in_channels), size, float(coeff)
         self.normalization = norm
+        _scale_last_map(self.net, last_init_scale)
