@@ -154,7 +154,16 @@ def train_and_watch(overrides: list[str], every: int = 1, threads: int = 1) -> d
                          enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
                          callbacks=[watch])
     t0 = time.perf_counter()
-    trainer.fit(task, datamodule=dm)
+    import os
+    import tempfile
+
+    here = os.getcwd()
+    with tempfile.TemporaryDirectory() as scratch:  # (the task's final pictures land in the working folder)
+        os.chdir(scratch)
+        try:
+            trainer.fit(task, datamodule=dm)
+        finally:
+            os.chdir(here)
     out = watch.summary()
     out["seconds"] = time.perf_counter() - t0
     out["steps"] = int(trainer.global_step)
