@@ -12,6 +12,7 @@ in it, so the project's editable install stays invisible there, which the test c
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -38,8 +39,14 @@ def _env() -> dict[str, str]:
 def installed(tmp_path_factory) -> Path:
     """A fresh virtual environment with the wheel built from this checkout installed in it (its bin/)."""
     tmp = tmp_path_factory.mktemp("wheel")
+    source = tmp / "source"  # a copy of what the wheel is made of: the build leaves nothing in the checkout
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "iresflow", "configs", "registry", "sweeps"):
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
+        copy(ROOT / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
+                                             if (ROOT / name).is_dir() else {}))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp / "dist"), str(ROOT)], check=True, capture_output=True, env=_env())
+                    str(tmp / "dist"), str(source)], check=True, capture_output=True, env=_env())
     (wheel,) = (tmp / "dist").glob("iresflow-*.whl")
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=_env())
