@@ -15,8 +15,11 @@ g (image)              ``ConvResidual(C, (H, W), hidden,            ``LipschitzC
                        kernel_sizes=(3,1,3), preact=True)``
 activation             ``lipswish``                                 ``Swish`` (= LipSwish: x sigmoid(b x) / 1.1)
 Lipschitz coefficient  ``coeff=c`` per linear map                   ``lipschitz_const=c`` per linear map
-power iterations       ``n_iterations=k`` inside each training      ``update_lipschitz(model, k)`` after each
-                       forward                                      optimizer step (its forward does none)
+Lipschitz upkeep       default ``converged``: every map's top       ``update_lipschitz(model, k)`` after each
+                       singular pair after each optimizer step      optimizer step (its forward does none)
+                       (``keep_up_lipschitz``, as the tasks do);
+                       variant ``papers_upkeep``: ``n_iterations=k``
+                       power iterations inside each training forward
 log-det estimator      ``russian_roulette``, geometric p, one       ``Residual(n_dist="geometric", geom_p=p,
                        Gaussian probe, ``n_exact_terms=3`` (the     n_exact_terms=2, n_samples=1)``
                        same term distribution as normflows' "2",
@@ -266,6 +269,21 @@ def generic_autograd_path():
         ResidualFunction.linear_chain = old
 
 
+@contextlib.contextmanager
+def papers_upkeep():
+    """iresflow with the papers' upkeep (``upkeep: power_iteration``): the settings' power iterations in
+    every training forward, as normflows runs them after every step, instead of converging every map's
+    top singular pair (the bound is then not held at every step: ``benchmarks/bound.py``)."""
+    from iresflow.nn.spectral_norm import _SpectralNorm
+
+    old = _SpectralNorm.converges
+    _SpectralNorm.converges = property(lambda self: False)  # type: ignore[method-assign, assignment]
+    try:
+        yield
+    finally:
+        _SpectralNorm.converges = old  # type: ignore[method-assign]
+
+
 def iresflow_terms(flow: IresflowChain) -> float | None:
     """Mean number of series terms the blocks used in the last step (None if not exposed)."""
     ns = [getattr(b.estimator, "last_n_terms", None) for b in flow.blocks]
@@ -341,6 +359,8 @@ class Side:
 
 
 def iresflow_side(s: FlowSettings, device, x: torch.Tensor, model=None, compiled: bool = False) -> Side:
+    from iresflow.nn.lipschitz import keep_up_lipschitz
+
     flow = model if model is not None else build_iresflow(s, device, compiled=compiled)
     opt = torch.optim.Adam(flow.parameters(), lr=s.lr)
 
@@ -349,6 +369,9 @@ def iresflow_side(s: FlowSettings, device, x: torch.Tensor, model=None, compiled
         loss = -flow.log_prob(x).mean()
         loss.backward()
         opt.step()
+        # the tasks' upkeep after every step (the default: every map's top singular pair converged, dense
+        # maps of one shape together; the papers' upkeep: nothing here, its iterations run in the forward)
+        keep_up_lipschitz(flow, 0)
         return loss.detach()
 
     return Side("iresflow", flow, step, lambda: iresflow_terms(flow))

@@ -61,8 +61,9 @@ def test_quick_run_writes_results(tmp_path):  # about 5 s on one core
     terms = toy["mean_series_terms"]
     assert terms["iresflow"] and terms["normflows"]
     assert {"iresflow", "normflows"} <= set(toy["time"])
-    # the ablations of the fast paths are timed in the same rounds
-    assert set(toy["variants"]) == {"without_dense_jacobian", "without_onednn", "generic_autograd_path"}
+    # the ablations of the fast paths, and the papers' upkeep, are timed in the same rounds
+    assert set(toy["variants"]) == {"without_dense_jacobian", "without_onednn", "generic_autograd_path",
+                                    "papers_upkeep"}
     assert all(v["speedup_median"] > 0 for v in toy["variants"].values())
     assert data["benchmarks"]["image"]["peak_memory_ratio"] > 0
     assert "jacobian_spectrum" in data["benchmarks"]["inverse"]

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from iresflow import registry
 from iresflow.nn.activations import ELU, CLipSwish, Identity, LipSwish
 from iresflow.nn.conv_bound import EXACT_MAX_DIM, circular_conv_norm
-from iresflow.nn.lipschitz import LIPSCHITZ_LAYERS, LipschitzConv2d, LipschitzLinear, update_lipschitz
+from iresflow.nn.lipschitz import (LIPSCHITZ_LAYERS, LipschitzConv2d, LipschitzLinear, keep_up_lipschitz,
+                                  update_lipschitz)
 from iresflow.nn.residual import ConvResidual, MLPResidual
 from iresflow.registry import factory
 from helpers import jacobian_norms, spectral_norm
@@ -91,6 +92,23 @@ def test_the_reported_conv_bound_is_above_the_operator_norm_and_tight_on_large_i
         assert reported == pytest.approx(operator if 3 * size * size <= EXACT_MAX_DIM else circular, rel=1e-9)
     print(f"\n[conv bound] circular / zero-padded operator norm - 1 at 4x4, 8x8, 16x16: {excess}")
     assert excess[2] < excess[0] and excess[2] < 0.05
+
+
+@pytest.mark.parametrize("stride,size", [(1, (8, 8)), (2, (9, 9)), (2, (8, 7))])
+def test_a_wide_conv_on_a_small_output_reports_its_exact_norm(stride, size):
+    """Many input channels, few output ones (g's last map): the input side is too large to materialise
+    (32 x 8 x 8 = 2048) but the output side is small, and ``||W|| = ||W^T||``: the reported constant is
+    the exact operator norm, not the looser circular bound."""
+    torch.manual_seed(4)
+    layer = LipschitzConv2d(32, 2, 3, stride=stride, padding=1, input_size=size, coeff=0.9).double()
+    _inflate(layer)
+    keep_up_lipschitz(layer)
+    operator = _conv_operator_norm(layer)
+    assert 32 * size[0] * size[1] > EXACT_MAX_DIM
+    assert layer.lipschitz_constant() == pytest.approx(operator, rel=1e-9)
+    assert operator == pytest.approx(0.9, rel=1e-6)          # (the upkeep's Lanczos ran on the output side)
+    circular = circular_conv_norm(layer.normalized_weight().detach(), size, layer.padding)
+    assert circular > operator * (1 + 1e-3)                    # what was reported before: looser
 
 
 def test_reshaped_kernel_norm_would_underestimate():

@@ -13,7 +13,7 @@ where ``K_hat(omega)`` is the ``c_out x c_in`` matrix of the kernel's 2D DFT at 
 for circular padding and slightly above the zero-padded norm (the border), and it is a
 bound: it never under-reports, unlike a power-iteration estimate. On small maps the border
 dominates and the bound is loose (measured on trained digits classifiers: 1.03x at 8x8,
-1.10-1.13x at 4x4, 1.5x at 2x2), so :func:`conv_operator_bound` materialises small operators
+1.10-1.13x at 4x4, 1.5x at 2x2), so :func:`conv_operator_bound` materialises operators with a small side
 and takes their norm exactly instead.
 """
 
@@ -23,8 +23,9 @@ import torch
 
 __all__ = ["circular_conv_norm", "conv_operator_bound", "EXACT_MAX_DIM"]
 
-#: operators with at most this many input dimensions are materialised and their norm taken exactly
-#: (float64 SVD, ~0.2 s at 512): the circular bound is loose on small maps (1.5x at 2x2)
+#: operators with at most this many dimensions on their smaller side (input or output) are materialised
+#: and their norm taken exactly (float64 SVD, ~0.2 s at 512): the circular bound is loose on small maps
+#: (1.5x at 2x2)
 EXACT_MAX_DIM = 512
 
 
@@ -45,12 +46,19 @@ def circular_conv_norm(weight: torch.Tensor, input_size: tuple[int, int], paddin
 def conv_operator_bound(weight: torch.Tensor, input_size: tuple[int, int], stride: tuple[int, int],
                         padding: tuple[int, int]) -> float:
     """The operator norm of ``conv2d(., weight, stride, padding)`` on inputs of ``input_size``, never below
-    it: exact (float64 SVD of the materialised operator) when its input has at most :data:`EXACT_MAX_DIM`
-    dimensions, else :func:`circular_conv_norm`."""
-    c_in, (h, w) = weight.shape[1], (int(input_size[0]), int(input_size[1]))
-    if c_in * h * w > EXACT_MAX_DIM:
-        return circular_conv_norm(weight, input_size, padding)
+    it: exact (float64 SVD of the materialised operator, or of its adjoint, ``||W|| = ||W^T||``) when its
+    smaller side has at most :data:`EXACT_MAX_DIM` dimensions, else :func:`circular_conv_norm`."""
     k = weight.detach().double()
-    eye = torch.eye(c_in * h * w, dtype=torch.float64, device=k.device).view(-1, c_in, h, w)
-    columns = torch.nn.functional.conv2d(eye, k, None, tuple(stride), tuple(padding)).flatten(1)
+    (c_out, c_in), (h, w) = k.shape[:2], (int(input_size[0]), int(input_size[1]))
+    h_out = (h + 2 * int(padding[0]) - k.shape[-2]) // int(stride[0]) + 1
+    w_out = (w + 2 * int(padding[1]) - k.shape[-1]) // int(stride[1]) + 1
+    n_in, n_out = c_in * h * w, c_out * h_out * w_out
+    if min(n_in, n_out) > EXACT_MAX_DIM:
+        return circular_conv_norm(weight, input_size, padding)
+    if n_in <= n_out:  # the operator's columns: W applied to the input basis
+        eye = torch.eye(n_in, dtype=torch.float64, device=k.device).view(-1, c_in, h, w)
+        columns = torch.nn.functional.conv2d(eye, k, None, tuple(stride), tuple(padding)).flatten(1)
+    else:  # the adjoint's: W^T applied to the output basis (a wide operator on a small output)
+        eye = torch.eye(n_out, dtype=torch.float64, device=k.device).view(-1, c_out, h_out, w_out)
+        columns = torch.nn.grad.conv2d_input((n_out, c_in, h, w), k, eye, tuple(stride), tuple(padding)).flatten(1)
     return float(torch.linalg.matrix_norm(columns, ord=2))

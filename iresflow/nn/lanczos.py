@@ -1,4 +1,4 @@
-"""The largest singular value of a linear operator, by Lanczos iteration on ``A = W^T W``.
+"""The largest singular value of a linear operator ``W``, by Lanczos iteration on its smaller Gram operator.
 
 Power iteration converges like ``(sigma_2 / sigma_1)^(2k)``: slowly for a convolution, whose
 operator has many singular values close to the top (nearby spatial frequencies), so a
@@ -9,8 +9,11 @@ in far fewer products. Warm-started from the previous top vector (the weights mo
 optimiser step), a few steps suffice. Full reorthogonalisation keeps the basis orthonormal
 (k is small); the arithmetic is float64.
 
-The Ritz value is a lower bound of ``sigma_1^2`` that rises with ``k``; iteration stops when the
-Ritz pair's residual ``||A y - theta y|| = beta_k |s_k|`` is below ``tol * theta``.
+``A`` is ``W^T W`` or ``W W^T``, whichever acts on the smaller space (the basis and its
+reorthogonalisation cost that dimension). The Ritz value is a lower bound of ``sigma_1^2`` that
+rises with ``k``; iteration stops when the Ritz pair's residual ``||A y - theta y|| = beta_k |s_k|``
+is below ``tol * theta``, checked every :data:`CHECK_EVERY` steps (a check is a small
+eigendecomposition; between checks a step is two operator products and the reorthogonalisation).
 """
 
 from __future__ import annotations
@@ -19,44 +22,103 @@ from typing import Callable
 
 import torch
 
-__all__ = ["top_singular_pair"]
+__all__ = ["CHECK_EVERY", "top_singular_pair", "top_singular_pairs"]
 
 _EPS = 1e-300
 
+#: steps between residual checks (also the fewest steps run, unless the Krylov space is exhausted first)
+CHECK_EVERY = 4
+
+Op = Callable[[torch.Tensor], torch.Tensor]
+
 
 @torch.no_grad()
-def top_singular_pair(op: Callable[[torch.Tensor], torch.Tensor], op_t: Callable[[torch.Tensor], torch.Tensor],
-                      v0: torch.Tensor, tol: float = 1e-7, max_steps: int = 60) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                            torch.Tensor, int]:
+def top_singular_pair(op: Op, op_t: Op, v0: torch.Tensor, u0: torch.Tensor | None = None, tol: float = 1e-7,
+                      max_steps: int = 60) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """``(sigma, u, v, steps)``: the top singular value of ``W`` (``op(v) = W v``, ``op_t(u) = W^T u``) and
-    unit vectors with ``W v = sigma u``, from the start vector ``v0`` (any nonzero shape ``op`` takes)."""
-    shape = v0.shape
-    q = v0.reshape(-1) / v0.norm()
-    basis = [q]
-    alphas: list[torch.Tensor] = []
-    betas: list[torch.Tensor] = []
-    theta, s = None, None
-    steps = 0
-    while steps < max_steps:
-        steps += 1
-        w = op_t(op(basis[-1].view(shape))).reshape(-1)
-        alphas.append(torch.dot(w, basis[-1]))
-        stacked = torch.stack(basis, 1)
-        w = w - stacked @ (stacked.t() @ w)          # full reorthogonalisation (twice: it is cheap)
-        w = w - stacked @ (stacked.t() @ w)
-        beta = w.norm()
-        t = torch.diag(torch.stack(alphas))
-        if betas:
-            off = torch.stack(betas)
-            t = t + torch.diag(off, 1) + torch.diag(off, -1)
-        values, vectors = torch.linalg.eigh(t)
-        theta, s = values[-1], vectors[:, -1]
-        if float(beta * s[-1].abs()) <= tol * max(float(theta), _EPS) or float(beta) <= _EPS:
-            break
-        betas.append(beta)
-        basis.append(w / beta)
-    v = torch.stack(basis[:len(s)], 1) @ s
-    v = (v / v.norm()).view(shape)
+    unit vectors with ``W v = sigma u``, from the start vector ``v0`` (any nonzero shape ``op`` takes), or
+    from ``u0`` (the shape ``op`` returns) when that side is smaller. ``sigma = ||W v||``: never above
+    ``sigma_1``."""
+    if u0 is not None and u0.numel() < v0.numel():
+        # Lanczos on W W^T (output side), then v from u.
+        u, steps = _top_eigenvectors(lambda x: op(op_t(x.view(u0.shape))).reshape(1, -1), u0.reshape(1, -1), tol,
+                                     max_steps)
+        v = op_t(u.view(u0.shape))
+    else:
+        v, steps = _top_eigenvectors(lambda x: op_t(op(x.view(v0.shape))).reshape(1, -1), v0.reshape(1, -1), tol,
+                                     max_steps)
+        v = v.view(v0.shape)
+    v = v / v.norm().clamp_min(_EPS)
     u = op(v)
     sigma = u.norm()
     return sigma, u / sigma.clamp_min(_EPS), v, steps
+
+
+@torch.no_grad()
+def top_singular_pairs(m: torch.Tensor, v0: torch.Tensor, u0: torch.Tensor, tol: float = 1e-7,
+                       max_steps: int = 60) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """:func:`top_singular_pair` for a stack of matrices ``m`` ``[B, rows, cols]`` at once (start vectors
+    ``v0`` ``[B, cols]``, ``u0`` ``[B, rows]``): ``(sigma [B], u [B, rows], v [B, cols], steps)``. One
+    Lanczos run for the stack costs a few batched products per step instead of ``B`` runs' Python."""
+    if m.shape[0] == 1:  # one matrix: plain matrix-vector products
+        def op(x):
+            return torch.mv(m[0], x[0]).unsqueeze(0)
+
+        def op_t(y):
+            return torch.mv(m[0].t(), y[0]).unsqueeze(0)
+    else:  # (broadcasts and sums: on the CPU a batched matrix-vector bmm is several times slower)
+        def op(x):
+            return (m * x.unsqueeze(1)).sum(-1)
+
+        def op_t(y):
+            return (m * y.unsqueeze(-1)).sum(1)
+
+    if m.shape[1] < m.shape[2]:
+        u, steps = _top_eigenvectors(lambda x: op(op_t(x)), u0, tol, max_steps)
+        v = op_t(u)
+    else:
+        v, steps = _top_eigenvectors(lambda x: op_t(op(x)), v0, tol, max_steps)
+    v = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(_EPS)
+    u = op(v)
+    sigma = torch.linalg.vector_norm(u, dim=-1)
+    return sigma, u / sigma.clamp_min(_EPS).unsqueeze(-1), v, steps
+
+
+def _top_eigenvectors(gram: Op, x0: torch.Tensor, tol: float, max_steps: int) -> tuple[torch.Tensor, int]:
+    """The top Ritz vectors ``[B, n]`` of ``B`` symmetric PSD operators (``gram`` maps ``[B, n]`` to
+    ``[B, n]``) from the start vectors ``x0`` ``[B, n]``, and the steps taken: until every member's residual
+    is below ``tol`` or the Krylov spaces are exhausted. A member whose ``beta`` vanishes (an invariant
+    subspace, e.g. the operator's rank reached: its Ritz values are exact) adds only zero rows to its ``T``
+    from then on, which leave its top Ritz pair unchanged."""
+    batch, n = x0.shape
+    last = min(max_steps, n)
+    basis = x0.new_zeros(batch, last, n)
+    q = x0 / torch.linalg.vector_norm(x0, dim=-1, keepdim=True).clamp_min(_EPS)
+    alphas: list[torch.Tensor] = []
+    betas: list[torch.Tensor] = []
+    vanished = None
+    k = 0
+    while True:
+        basis[:, k] = q
+        k += 1
+        w = gram(q)
+        alphas.append((w * q).sum(-1))
+        stacked = basis[:, :k]                                               # [B, k, n]
+        for _ in range(2):                                                   # full reorthogonalisation, twice
+            w = w - torch.bmm(torch.bmm(stacked, w.unsqueeze(-1)).transpose(1, 2), stacked).squeeze(1)
+        beta = torch.linalg.vector_norm(w, dim=-1)
+        if vanished is None:  # ~ rounding of the products (|A q| <= sigma_1^2)
+            vanished = 1e-13 * torch.hypot(beta, alphas[0]) + _EPS
+        beta = torch.where(beta <= vanished, torch.zeros_like(beta), beta)
+        exhausted = k == last or not bool(beta.any())
+        if exhausted or k % CHECK_EVERY == 0:
+            t = torch.diag_embed(torch.stack(alphas, -1))
+            if betas:
+                off = torch.stack(betas, -1)
+                t = t + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
+            values, vectors = torch.linalg.eigh(t)
+            theta, s = values[:, -1], vectors[:, :, -1]
+            if exhausted or bool((beta * s[:, -1].abs() <= tol * theta.clamp_min(0)).all()):
+                return torch.bmm(s.unsqueeze(1), stacked).squeeze(1), k
+        betas.append(beta)
+        q = torch.where((beta > 0).unsqueeze(-1), w / beta.clamp_min(_EPS).unsqueeze(-1), torch.zeros_like(w))

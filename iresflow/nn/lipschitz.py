@@ -19,12 +19,14 @@ vectors are kept up with the weights (the *upkeep*) decides whether ``Lip <= c``
 while training, not only after settling:
 
 - ``upkeep="converged"`` (default): whenever the weight has changed (an optimiser step,
-  a loaded checkpoint; seen through the tensor's version counter), the vectors are
-  iterated, warm-started, until the estimate of ``sigma`` changes by less than
-  ``upkeep_tol`` (relative). :func:`update_lipschitz`, which the tasks call right after
-  every optimiser step, does it there (so a checkpoint holds vectors that belong to its
-  weights); a training forward does it itself if nobody did (a plain PyTorch loop in one
-  process; under DDP the tasks' upkeep runs on every rank).
+  a loaded checkpoint; seen through the tensor's version counter), the top singular pair
+  is recomputed in float64: exactly for a matrix with a side of at most 96, else by
+  Lanczos warm-started from the vectors, to the relative residual ``upkeep_tol``
+  (:mod:`iresflow.nn.spectral_norm`). :func:`keep_up_lipschitz`, which the tasks call right
+  after every optimiser step (dense maps of one shape together), does it there (so a
+  checkpoint holds vectors that belong to its weights); a training forward does it itself
+  if nobody did (a plain PyTorch loop in one process; under DDP the tasks' upkeep runs on
+  every rank).
   After any step, the map the next forward applies has norm ``c`` to the tolerance.
 - ``upkeep="power_iteration"``: the papers' scheme, kept for ablations: ``n_iterations``
   fixed iterations at every training forward, plus the task's ``lipschitz_iterations``
@@ -34,6 +36,7 @@ while training, not only after settling:
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 
 import torch
 import torch.distributed as dist
@@ -42,7 +45,7 @@ from torch import nn
 
 from iresflow.nn.conv_bound import conv_operator_bound
 from iresflow.nn.conv_ops import conv_forward, conv_input_grad, conv_strategy, conv_weight_grad
-from iresflow.nn.spectral_norm import UPKEEPS, _normalize, _SpectralNorm, paused_power_iteration
+from iresflow.nn.spectral_norm import UPKEEPS, _normalize, _SpectralNorm, converge_matrices, paused_power_iteration
 
 __all__ = ["LipschitzLinear", "LipschitzConv2d", "LIPSCHITZ_LAYERS", "UPKEEPS", "keep_up_lipschitz", "update_lipschitz",
            "paused_power_iteration"]
@@ -235,7 +238,16 @@ def keep_up_lipschitz(module: nn.Module, n_iterations: int | None = None) -> int
     vectors (``upkeep="converged"``) or runs ``n_iterations`` power iterations (``"power_iteration"``).
     The tasks call it right after every optimiser step and before evaluations. Returns the largest
     number of iterations a layer ran."""
-    return max((m.keep_up(n_iterations) for m in _layers(module)), default=0)
+    layers = list(_layers(module))
+    # Dense maps of one shape converge together: one batched Lanczos run (iresflow.nn.spectral_norm).
+    stacks: dict[tuple, list] = defaultdict(list)
+    for m in layers:
+        if m.converges and m._is_matrix_op():
+            w = m.weight
+            stacks[(w.shape[0], w[0].numel(), w.device, w.dtype, m.upkeep_tol, m.max_iterations)].append(m)
+    done = [converge_matrices(stack) for stack in stacks.values()]
+    done += [m.keep_up(n_iterations) for m in layers if not (m.converges and m._is_matrix_op())]
+    return max(done, default=0)
 
 
 def update_lipschitz(module: nn.Module, n_iterations: int | None = None, tol: float | None = None) -> int:

@@ -57,10 +57,11 @@ class Normalization:
         tol: optional relative tolerance that stops those iterations early.
         max_iterations: the cap when iterating to a tolerance (and at construction).
         upkeep: ``converged`` (default): after every change of the weights the top singular
-            pair is recomputed (dense and 1x1 maps: exactly, an eigendecomposition of the
-            small Gram matrix; k x k convolutions: Lanczos, warm-started), so the applied map
-            is within ``c`` at every step; ``power_iteration``: the papers' fixed count (an
-            ablation: the bound lags fast-moving weights).
+            pair is recomputed (maps with a side of at most 96: exactly, an eigendecomposition
+            of the small Gram matrix; larger maps and k x k convolutions: Lanczos on the smaller
+            side, warm-started), so the applied map is within ``c`` at every step;
+            ``power_iteration``: the papers' fixed count (an ablation: the bound lags
+            fast-moving weights).
         upkeep_tol: ``converged``: the relative residual at which Lanczos stops (1e-5: sigma
             to about 1e-10).
     """
