@@ -68,7 +68,7 @@ KEY_TYPES: dict[str, Accepts] = {
     "data.eval_batch_size": A("int", "null"),
     "data.image_size": A("list"),
     "model.hidden": A("int", "list"),                 # one width, or one per layer
-    "model.actnorm": A("bool", words=("before", "after", "none")),  # where the ActNorms go (true: the default)
+    "model.actnorm": A("bool", words=("before", "after", "input_and_after", "none")),  # where the ActNorms go
     "model.fc_hidden": A("list"),
     "model.padding_distribution": A(words=("uniform", "gaussian")),
     "model.logit_alpha": A("float", "null"),          # null: no logit transform

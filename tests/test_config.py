@@ -148,7 +148,7 @@ def test_values_are_checked_against_their_keys_types():
     for override, message in [("model.coeff=abc", "model.coeff takes a number, not the text 'abc'"),
                               ("trainer.max_steps=ten", "trainer.max_steps takes a whole number"),
                               ("trainer.max_steps=1.5", "trainer.max_steps takes a whole number, not 1.5"),
-                              ("model.actnorm=3", "model.actnorm takes 'before', 'after', 'none' or true or false"),
+                              ("model.actnorm=3", "model.actnorm takes 'before', 'after', 'input_and_after', 'none' or true or false"),
                               ("data.batch_size=[1]", "takes a whole number"),
                               ("model.hidden=abc", "model.hidden takes a whole number or a list"),
                               ("checkpoint=5", "checkpoint takes a mapping"),

@@ -125,9 +125,12 @@ def test_actnorm_goes_before_or_after_each_block_or_nowhere(in_shape):
     assert kinds("before") == ["norm", "block"] * n
     assert kinds("after") == ["block", "norm"] * n
     assert kinds("none") == kinds(False) == ["block"] * n
+    assert kinds("input_and_after") == ["norm"] + ["block", "norm"] * n   # Residual Flows' toy layout
     assert kinds(True) == kinds("after" if len(in_shape) == 1 else "before")  # the old defaults
-    with pytest.raises(ValueError, match="before, after, none"):
+    with pytest.raises(ValueError, match="before, after, input_and_after, none"):
         _flow(in_shape, actnorm="middle")
+    x = torch.randn(4, *in_shape, dtype=torch.float64) if len(in_shape) == 1 else _image()
+    _check_exact(_flow(in_shape, actnorm="input_and_after"), x)
 
 
 def test_learned_prior_is_a_diagonal_gaussian():

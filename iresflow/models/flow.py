@@ -17,7 +17,7 @@ options, each a config key (``configs/experiment/resflow_*.yaml`` set the papers
 - ``squeeze_first``: a squeeze before the first scale (i-ResNet's ``init_ds 2``);
 - ``fc_end``: ``n_fc_blocks`` fully connected blocks on the flattened last-scale features
   (``fc_hidden`` widths, or any vector residual function as ``fc_residual``);
-- ``actnorm``: ``before`` / ``after`` each block / ``none`` (``true``: vectors after,
+- ``actnorm``: ``before`` / ``after`` each block, ``input_and_after`` / ``none`` (``true``: vectors after,
   images before, as before these options existed);
 - ``prior``: kind ``prior``, ``standard`` or ``learned`` (:mod:`iresflow.models.priors`) or a plugin's;
 - ``padding`` channels of noise from ``padding_distribution`` (:mod:`iresflow.models.padding`;
@@ -104,7 +104,8 @@ class ResidualFlow(nn.Module):
             the hidden channels of the conv ``g`` (an int).
         activation: the activation of ``g`` (a factory or module; default LipSwish).
         coeff: Lipschitz bound c of every normalised map of ``g``.
-        actnorm: ``before`` / ``after`` each block, ``none``; ``true``: vectors after, images before.
+        actnorm: ``before`` / ``after`` each block, ``input_and_after`` (one more before the first
+            block: Residual Flows' toy), ``none``; ``true``: vectors after, images before.
         estimator, solver: log-det estimator and inverse solver (factories or
             objects; defaults Russian roulette and the block's own); each block gets its own instance.
         n_scales, kernel_sizes: images only; scales and the conv ``g``'s kernels.

@@ -25,7 +25,9 @@ from iresflow.registry import Factory, get, instance, missing_parameters
 
 __all__ = ["Stage", "Flattened", "BlockMaker", "ACTNORM_PLACES", "actnorm_place"]
 
-ACTNORM_PLACES = ("before", "after", "none")
+#: where ActNorm goes: before / after every block, ``input_and_after`` (one before a stage's first block
+#: and one after every block: Residual Flows' train_toy.py), or none
+ACTNORM_PLACES = ("before", "after", "input_and_after", "none")
 
 
 def actnorm_place(actnorm: Any, is_image: bool) -> str:
@@ -152,8 +154,14 @@ class BlockMaker:
             norm = Flattened(norm)
         return [norm, block] if self.actnorm == "before" else [block, norm]
 
+    def stage_input(self, features: int, flatten: bool = False) -> list[nn.Module]:
+        """``input_and_after``: the ActNorm in front of a stage's first block (else nothing)."""
+        if self.actnorm != "input_and_after":
+            return []
+        return [Flattened(ActNorm(features)) if flatten else ActNorm(features)]
+
     def vector_stage(self, stage: int, n_blocks: int, dim: int, hidden: Sequence[int]) -> list[nn.Module]:
-        layers: list[nn.Module] = []
+        layers: list[nn.Module] = self.stage_input(dim)
         for _ in range(n_blocks):
             layers += self.with_actnorm(self.block(stage, self.vector_residual(self.residual, dim, hidden)), dim)
         return layers
@@ -161,7 +169,7 @@ class BlockMaker:
     def conv_stage(self, stage: int, n_blocks: int, shape: tuple[int, int, int], hidden: int,
                    kernel_sizes: Sequence[int]) -> list[nn.Module]:
         c, h, w = shape
-        layers: list[nn.Module] = []
+        layers: list[nn.Module] = self.stage_input(c)
         for _ in range(n_blocks):
             layers += self.with_actnorm(self.block(stage, self.conv_residual(c, (h, w), hidden, kernel_sizes)), c)
         return layers
@@ -169,7 +177,7 @@ class BlockMaker:
     def fc_stage(self, stage: int, n_blocks: int, shape: tuple[int, int, int], hidden: Sequence[int]):
         """Fully connected blocks on the flattened ``shape`` (``fc_residual``, default an MLP)."""
         dim = math.prod(shape)
-        layers: list[nn.Module] = []
+        layers: list[nn.Module] = self.stage_input(dim, flatten=True)
         for _ in range(n_blocks):
             block = Flattened(self.block(stage, self.vector_residual(self.fc_residual, dim, hidden)))
             layers += self.with_actnorm(block, dim, flatten=True)

@@ -374,11 +374,13 @@ def converge_matrices(layers: list[_SpectralNorm]) -> int:
         sigma, u, v, steps = lanczos_top_pairs(ms, torch.stack([layer.v for layer in layers]).double(),
                                                torch.stack([layer.u for layer in layers]).double(),
                                                tol=first.upkeep_tol, max_steps=min(first.max_iterations, 64))
-    for i, layer in enumerate(layers):
-        if float(sigma[i]) > _EPS:  # (a zero map: sigma 0 normalises nothing; its vectors stay unit vectors)
+    for i, (layer, value) in enumerate(zip(layers, sigma.tolist())):  # (one host read for the stack)
+        if value > _EPS:
             layer.u.copy_(u[i])
             layer.v.copy_(v[i])
-        layer.sigma.fill_(float(sigma[i]) if float(sigma[i]) > _EPS else 0.0)
+        else:  # a zero map: sigma 0 normalises nothing; its vectors stay unit vectors
+            value = 0.0
+        layer.sigma.fill_(value)
         layer.mark_kept()
         layer.last_upkeep_iterations = steps  # (what benchmarks/bound.py reports)
     return steps

@@ -92,8 +92,9 @@ def run(ctx: Context) -> dict:
                "block inverse error: the largest RMS of block.inverse(block(h)) - h on a test batch; the Vanilla "
                "ResNet's is not guaranteed.",
                "max Lip(g), certified bound: the largest product over a block of its maps' norms, each never below "
-               "the real one: a small conv operator's exact norm (materialised), a large one's circular-convolution "
-               "norm on the padded grid (a few % above on 8x8 maps). Each map is normalised to the exact norm c of "
-               "its zero-padded operator, so a constrained row slightly above c**3 is the bound's slack.",
+               "the real one: a conv operator's exact norm when its input or output side is small (materialised), "
+               "else its circular-convolution norm on the padded grid (a few % above on 8x8 maps). Each map is "
+               "normalised to the exact norm c of its zero-padded operator, so a constrained row above c**3 is "
+               "the bound's slack (none on the digits: every map there has a small side).",
                papers.CHECK_NOTE],
         extra={"sweeps": {"constrained": str(constrained), "vanilla": str(vanilla)}})
