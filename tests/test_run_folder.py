@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 # imported here so that Lightning's log handler is made on the session's stderr, not on one
 # test's captured stream (closed after that test)
@@ -198,7 +199,7 @@ def test_auto_starts_afresh_over_an_attempt_that_left_no_checkpoint(plugin_dir, 
     assert yaml.safe_load((out / "config.yaml").read_text())["trainer"]["max_steps"] == 3
 
 
-@pytest.mark.parametrize("where", ["under a file", "read-only"])
+@pytest.mark.parametrize("where", ["under a file", "read-only", "in sysfs"])
 def test_an_unwritable_output_dir_is_one_line(plugin_dir, tmp_path, capsys, where):
     if where == "under a file":
         (tmp_path / "file").write_text("")
@@ -206,40 +207,45 @@ def test_an_unwritable_output_dir_is_one_line(plugin_dir, tmp_path, capsys, wher
         assert main(["train", *run_args(plugin_dir, out)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
     else:
-        code, err = _train_in_a_read_only_folder(plugin_dir, tmp_path)
+        code, err = _train_in_a_read_only_folder(plugin_dir, tmp_path, sysfs=where == "in sysfs")
         out = err.pop()
         assert code == 2
     assert len(err) == 1 and f"output_dir {out} cannot be written" in err[0]
 
 
-def _train_in_a_read_only_folder(plugin_dir, tmp_path):
+def _train_in_a_read_only_folder(plugin_dir, tmp_path, sysfs=False):
     """``iresflow train`` as a real process whose ``output_dir`` lies in a folder it may not write.
     An ordinary user gets a folder of mode 0o555. Root writes through modes (CI containers run as
-    root), so for root the folder is made read-only for everybody: a read-only bind mount in the
-    process's own mount namespace (``unshare -m``), else the immutable attribute (``chattr +i``).
+    root), so for root the folder is read-only for everybody: a read-only bind mount in the process's
+    own mount namespace (``unshare -m``, the read-only file system a cluster user meets) where that is
+    permitted, else a folder in sysfs, where no process, root included, may create anything
+    (``sysfs=True``: that folder for anybody, so the fallback is tested on every machine).
     Returns the exit code and the lines of stderr, followed by the ``output_dir``."""
     import shutil
 
     ro = tmp_path / "ro"
     ro.mkdir()
-    out = ro / "run"
-    cmd = [sys.executable, "-m", "iresflow", "train", *run_args(plugin_dir, out)]
-    immutable = False
-    if os.geteuid() != 0:
-        os.chmod(ro, 0o555)
-    elif shutil.which("unshare") and subprocess.run(
-            ["unshare", "-m", "sh", "-c", f"mount --bind -o ro '{ro}' '{ro}'"], capture_output=True).returncode == 0:
-        cmd = ["unshare", "-m", "sh", "-c", f"mount --bind -o ro '{ro}' '{ro}' && exec \"$@\"", "sh", *cmd]
-    elif shutil.which("chattr") and subprocess.run(["chattr", "+i", str(ro)], capture_output=True).returncode == 0:
-        immutable = True
+    bind = f"mount --bind -o ro '{ro}' '{ro}'"
+    if sysfs:
+        mode = "sysfs"
+    elif os.geteuid() != 0:
+        mode = "chmod"
+    elif shutil.which("unshare") and subprocess.run(["unshare", "-m", "sh", "-c", bind],
+                                                    capture_output=True).returncode == 0:
+        mode = "unshare"
     else:
-        pytest.skip("running as root, and this machine offers no read-only folder to root: neither a "
-                    "read-only bind mount (unshare -m) nor the immutable attribute (chattr +i) is permitted")
+        mode = "sysfs"
+    out = Path("/sys") / f"iresflow-test-{os.getpid()}" / "run" if mode == "sysfs" else ro / "run"
+    cmd = [sys.executable, "-m", "iresflow", "train", *run_args(plugin_dir, out)]
+    if mode == "sysfs":
+        assert Path("/sys/kernel").is_dir(), "this test needs sysfs at /sys"
+    elif mode == "chmod":
+        os.chmod(ro, 0o555)
+    else:
+        cmd = ["unshare", "-m", "sh", "-c", f"{bind} && exec \"$@\"", "sh", *cmd]
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
     finally:
-        if immutable:
-            subprocess.run(["chattr", "-i", str(ro)], check=True)
         os.chmod(ro, 0o755)
     assert not out.exists()
     return proc.returncode, [*proc.stderr.strip().splitlines(), str(out)]

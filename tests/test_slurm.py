@@ -37,8 +37,11 @@ IRESFLOW = f"{sys.executable} -m iresflow"
 
 @pytest.fixture(scope="session")
 def cluster():
-    missing = ("not root, so no scheduler can be installed and started here" if os.geteuid() != 0 else
-               "no slurm-wlm and no apt-get to install it"
+    # What the tests need: root (scripts/slurm-up installs and starts a one-node cluster as root, and the
+    # tests retime jobs with scontrol as its administrator), and slurm-wlm or apt-get to install it.
+    missing = (f"they need root to start a one-node cluster and administer it (running as uid {os.geteuid()}; "
+               "CI runs them as root)" if os.geteuid() != 0 else
+               "they need slurm-wlm installed, or apt-get to install it (neither is on this machine)"
                if shutil.which("slurmctld") is None and shutil.which("apt-get") is None else None)
     if missing and os.environ.get("CI"):  # CI runs as root with apt: there a missing scheduler is a failure
         pytest.fail(f"SLURM tests in CI: {missing}")

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["CHECK_EVERY", "top_singular_pair", "top_singular_pairs"]
+__all__ = ["CHECK_EVERY", "top_singular_pairs"]
 
 _EPS = 1e-300
 
@@ -33,49 +33,16 @@ Op = Callable[[torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
-def top_singular_pair(op: Op, op_t: Op, v0: torch.Tensor, u0: torch.Tensor | None = None, tol: float = 1e-7,
-                      max_steps: int = 60) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """``(sigma, u, v, steps)``: the top singular value of ``W`` (``op(v) = W v``, ``op_t(u) = W^T u``) and
-    unit vectors with ``W v = sigma u``, from the start vector ``v0`` (any nonzero shape ``op`` takes), or
-    from ``u0`` (the shape ``op`` returns) when that side is smaller. ``sigma = ||W v||``: never above
-    ``sigma_1``."""
-    if u0 is not None and u0.numel() < v0.numel():
-        # Lanczos on W W^T (output side), then v from u.
-        u, steps = _top_eigenvectors(lambda x: op(op_t(x.view(u0.shape))).reshape(1, -1), u0.reshape(1, -1), tol,
-                                     max_steps)
-        v = op_t(u.view(u0.shape))
-    else:
-        v, steps = _top_eigenvectors(lambda x: op_t(op(x.view(v0.shape))).reshape(1, -1), v0.reshape(1, -1), tol,
-                                     max_steps)
-        v = v.view(v0.shape)
-    v = v / v.norm().clamp_min(_EPS)
-    u = op(v)
-    sigma = u.norm()
-    return sigma, u / sigma.clamp_min(_EPS), v, steps
-
-
-@torch.no_grad()
-def top_singular_pairs(m: torch.Tensor, v0: torch.Tensor, u0: torch.Tensor, tol: float = 1e-7,
+def top_singular_pairs(op: Op, op_t: Op, v0: torch.Tensor, u0: torch.Tensor | None = None, tol: float = 1e-7,
                        max_steps: int = 60) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """:func:`top_singular_pair` for a stack of matrices ``m`` ``[B, rows, cols]`` at once (start vectors
-    ``v0`` ``[B, cols]``, ``u0`` ``[B, rows]``): ``(sigma [B], u [B, rows], v [B, cols], steps)``. One
-    Lanczos run for the stack costs a few batched products per step instead of ``B`` runs' Python."""
-    if m.shape[0] == 1:  # one matrix: plain matrix-vector products
-        def op(x):
-            return torch.mv(m[0], x[0]).unsqueeze(0)
-
-        def op_t(y):
-            return torch.mv(m[0].t(), y[0]).unsqueeze(0)
-    else:  # (broadcasts and sums: on the CPU a batched matrix-vector bmm is several times slower)
-        def op(x):
-            return (m * x.unsqueeze(1)).sum(-1)
-
-        def op_t(y):
-            return (m * y.unsqueeze(-1)).sum(1)
-
-    if m.shape[1] < m.shape[2]:
+    """``(sigma, u, v, steps)`` for ``B`` linear maps at once: each one's top singular value and unit
+    vectors with ``W v = sigma u``. ``op`` maps ``[B, n_in]`` to ``[B, n_out]`` (the ``B`` products ``W v``),
+    ``op_t`` back (``W^T u``); ``v0`` ``[B, n_in]`` and ``u0`` ``[B, n_out]`` are the start vectors, and
+    Lanczos runs on the side with fewer dimensions (``u0=None``: the input side). Returns ``sigma`` ``[B]``
+    (``||W v||``: never above ``sigma_1``), ``u`` ``[B, n_out]``, ``v`` ``[B, n_in]`` and the steps taken."""
+    if u0 is not None and u0.shape[-1] < v0.shape[-1]:
         u, steps = _top_eigenvectors(lambda x: op(op_t(x)), u0, tol, max_steps)
-        v = op_t(u)
+        v = op_t(u)   # (Lanczos on W W^T, the output side; then v from u)
     else:
         v, steps = _top_eigenvectors(lambda x: op_t(op(x)), v0, tol, max_steps)
     v = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(_EPS)

@@ -20,8 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from iresflow.nn.lanczos import top_singular_pair as lanczos_top_pair
-from iresflow.nn.lanczos import top_singular_pairs as lanczos_top_pairs
+from iresflow.nn.lanczos import top_singular_pairs
 
 __all__ = ["UPKEEPS", "converge_matrices", "paused_power_iteration"]
 
@@ -159,33 +158,45 @@ class _SpectralNorm:
     def keep_up(self, n_iterations: int | None = None) -> int:
         """The upkeep after a change of the weight: converge the vectors (``converged``), or run
         ``n_iterations`` fixed iterations (``power_iteration``). Returns how many ran."""
-        if not self.converges:
-            self.last_upkeep_iterations = self.power_iteration(n_iterations)
-            return self.last_upkeep_iterations
-        return converge_matrices([self]) if self._is_matrix_op() else self.top_singular_pair()
+        if self.converges:
+            return self.top_singular_pair()
+        self.last_upkeep_iterations = self.power_iteration(n_iterations)
+        return self.last_upkeep_iterations
 
     @torch.no_grad()
     def top_singular_pair(self) -> int:
-        """The operator's top singular pair into ``sigma``, ``u``, ``v`` by Lanczos (:mod:`iresflow.nn.lanczos`)
-        in float64, warm-started from the vectors, to the relative residual ``upkeep_tol``: no lag, and
-        ``sigma = ||W v||`` is never above the norm. Returns the number of Lanczos steps."""
+        """The operator's top singular pair into ``sigma``, ``u``, ``v`` in float64, warm-started from the
+        vectors (:func:`converge_matrices`; a convolution by Lanczos on its operator, to the relative
+        residual ``upkeep_tol``): no lag, and ``sigma = ||W v||`` is never above the norm. Returns the
+        number of Lanczos steps."""
         if self._is_matrix_op():
             return converge_matrices([self])
         self._redraw_vanished_vectors()
         w = self.weight.detach().double()
-        steps = 1
-        if float(w.abs().max()) == 0.0:  # a zero map: nothing to normalise by
-            self.sigma.zero_()
-        else:
-            sigma, u, v, steps = lanczos_top_pair(lambda x: self._op(x, w), lambda y: self._op_t(y, w),
-                                                  self.v.double(), self.u.double(), tol=self.upkeep_tol,
-                                                  max_steps=min(self.max_iterations, 64))
+        v_shape, u_shape = self.v.shape, self.u.shape
+
+        def op(x):
+            return self._op(x.view(v_shape), w).reshape(1, -1)
+
+        def op_t(y):
+            return self._op_t(y.view(u_shape), w).reshape(1, -1)
+
+        sigma, u, v, steps = top_singular_pairs(op, op_t, self.v.double().reshape(1, -1),
+                                                self.u.double().reshape(1, -1), tol=self.upkeep_tol,
+                                                max_steps=min(self.max_iterations, 64))
+        self._keep(float(sigma[0]), u[0], v[0], steps)
+        return steps
+
+    def _keep(self, sigma: float, u: torch.Tensor, v: torch.Tensor, steps: int) -> None:
+        """Store a converged pair (in place: the buffers stay shared with DDP and the state dict)."""
+        if sigma > _EPS:
             self.u.copy_(u.view_as(self.u))
             self.v.copy_(v.view_as(self.v))
-            self.sigma.copy_(sigma)
+        else:  # a zero map: sigma 0 normalises nothing; its vectors stay unit vectors
+            sigma = 0.0
+        self.sigma.fill_(sigma)
         self.mark_kept()
         self.last_upkeep_iterations = steps  # (what benchmarks/bound.py reports)
-        return steps
 
     @torch.no_grad()
     def power_iteration(self, n_iterations: int | None = None, tol: float | None = None) -> int:
@@ -360,9 +371,9 @@ class _SpectralNorm:
 @torch.no_grad()
 def converge_matrices(layers: list[_SpectralNorm]) -> int:
     """The converged upkeep of dense (and 1x1) maps whose matrices have one shape, all at once: each one's
-    exact top singular pair in float64 (the top eigenvector of its small Gram matrix when a side is at most
-    ``_EXACT_MAX_DIM``; else Lanczos for the whole stack, warm-started from the vectors, to the first
-    layer's ``upkeep_tol``). ``sigma = ||W v||`` is never above the norm. Returns the steps taken."""
+    top singular pair in float64, exactly (the top eigenvector of its small Gram matrix) when a side is at
+    most ``_EXACT_MAX_DIM``, else by one Lanczos run for the whole stack, warm-started from the vectors, to
+    the first layer's ``upkeep_tol``. ``sigma = ||W v||`` is never above the norm. Returns the steps taken."""
     for layer in layers:
         layer._redraw_vanished_vectors()
     ms = torch.stack([layer.weight.detach().reshape(layer.weight.shape[0], -1) for layer in layers]).double()
@@ -371,19 +382,21 @@ def converge_matrices(layers: list[_SpectralNorm]) -> int:
         steps = 1
     else:
         first = layers[0]
-        sigma, u, v, steps = lanczos_top_pairs(ms, torch.stack([layer.v for layer in layers]).double(),
-                                               torch.stack([layer.u for layer in layers]).double(),
-                                               tol=first.upkeep_tol, max_steps=min(first.max_iterations, 64))
+        sigma, u, v, steps = top_singular_pairs(*_stacked_products(ms),
+                                                torch.stack([layer.v for layer in layers]).double(),
+                                                torch.stack([layer.u for layer in layers]).double(),
+                                                tol=first.upkeep_tol, max_steps=min(first.max_iterations, 64))
     for i, (layer, value) in enumerate(zip(layers, sigma.tolist())):  # (one host read for the stack)
-        if value > _EPS:
-            layer.u.copy_(u[i])
-            layer.v.copy_(v[i])
-        else:  # a zero map: sigma 0 normalises nothing; its vectors stay unit vectors
-            value = 0.0
-        layer.sigma.fill_(value)
-        layer.mark_kept()
-        layer.last_upkeep_iterations = steps  # (what benchmarks/bound.py reports)
+        layer._keep(value, u[i], v[i], steps)
     return steps
+
+
+def _stacked_products(ms: torch.Tensor):
+    """``W v`` and ``W^T u`` for a stack of matrices ``[B, rows, cols]`` and vectors ``[B, .]``."""
+    if ms.shape[0] == 1:  # one matrix: plain matrix-vector products
+        return (lambda x: torch.mv(ms[0], x[0]).unsqueeze(0)), (lambda y: torch.mv(ms[0].t(), y[0]).unsqueeze(0))
+    # (broadcasts and sums: on the CPU a batched matrix-vector bmm is several times slower)
+    return (lambda x: (ms * x.unsqueeze(1)).sum(-1)), (lambda y: (ms * y.unsqueeze(-1)).sum(1))
 
 
 def _exact_top_pairs(ms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

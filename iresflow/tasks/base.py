@@ -1,14 +1,14 @@
 """What every task shares: optimiser and schedule, Lipschitz upkeep, non-finite losses, diagnostics.
 
 The user never calls anything by hand: right after every optimiser step the task runs
-the normalised layers' upkeep (:func:`iresflow.nn.lipschitz.update_lipschitz`), before any
+the normalised layers' upkeep (:func:`iresflow.nn.lipschitz.keep_up_lipschitz`), before any
 callback may checkpoint, so the stored singular vectors belong to the new weights. With the
-default ``upkeep: converged`` each layer iterates them, warm-started, until its estimate of
-``sigma`` is converged (the map the next forward applies then has norm ``c`` to the
-tolerance: on the toy default the applied ``sigma / c`` reached 1.19 with the papers'
-one iteration per forward plus one per step); with ``upkeep: power_iteration`` (the papers'
-scheme, an ablation) it runs ``lipschitz_iterations`` fixed iterations on top of the
-model's ``n_iterations`` per training forward.
+default ``upkeep: converged`` each layer's top singular pair is recomputed (exactly, or by
+warm-started Lanczos; :mod:`iresflow.nn.spectral_norm`), so the map the next forward applies
+has norm ``c`` to float rounding (on the toy default the applied ``sigma / c`` reached 1.19
+with the papers' one iteration per forward plus one per step); with ``upkeep:
+power_iteration`` (the papers' scheme, an ablation) it runs ``lipschitz_iterations`` fixed
+iterations on top of the model's ``n_iterations`` per training forward.
 
 Evaluation never changes training. Validation, test and the final pictures set the
 training's power-iteration state (every normalised layer's buffers) and random
