@@ -217,7 +217,8 @@ class Sweep:
         return (self.out / "logs" / f"{run_dir.name}.log").read_text()
 
     def summary(self) -> dict[str, str]:
-        return {r["run_id"]: r["status"] for r in csv.DictReader(open(self.out / "summary.csv"))}
+        with open(self.out / "summary.csv") as f:
+            return {r["run_id"]: r["status"] for r in csv.DictReader(f)}
 
 
 def history(run_dir: Path) -> list[tuple[int, int]]:
